@@ -1,0 +1,3943 @@
+"""argus-reporter: push experiment events from training scripts into an Argus server.
+
+A single file with no dependencies other than the standard library (``requests`` is used
+when it is importable). Calls cost microseconds, delivery happens on one background
+thread, and nothing is lost: what cannot be delivered is spilled to disk and re-sent.
+
+    from argus import Reporter
+
+    with Reporter(source_project="my-paper", experiment_type="forecast") as r:
+        with r.job("etth1_dlinear", model="dlinear", dataset="etth1") as job:
+            for epoch in range(10):
+                job.epoch(epoch, train_loss=0.3, val_loss=0.4, lr=1e-3)
+
+Configure with ``ARGUS_URL`` and ``ARGUS_TOKEN``; ``python argus.py demo`` shows it working.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EVENT_TYPES",
+    "Reporter",
+    "JobContext",
+    "ExperimentReporter",
+    "SpillStore",
+    "derive_batch_id",
+    "emit",
+    "new_batch_id",
+    "set_batch_id",
+    "get_batch_id",
+    "sub_env",
+    "main",
+]
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+
+# json, logging, signal, ssl, http.client, subprocess and hashlib are imported where they
+# are first needed: together they cost more than the whole budget for `import argus`.
+
+# ---------------------------------------------------------------------------------------
+# Constants and configuration
+# ---------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = "1.1"
+
+# The nine event types of schema 1.1, and the extra one the server stores once per batch.
+EVENT_TYPES = (
+    "batch_start",
+    "batch_done",
+    "batch_failed",
+    "job_start",
+    "job_epoch",
+    "job_done",
+    "job_failed",
+    "resource_snapshot",
+    "log_line",
+)
+_SERVER_EXTRA_TYPES = ("env_snapshot",)
+_JOB_EVENT_TYPES = frozenset(("job_start", "job_epoch", "job_done", "job_failed", "log_line"))
+_SOURCE_KEYS = ("project", "host", "user", "commit", "command")
+
+ARTIFACT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+ARTIFACT_MAX_BYTES = 50 * 1024 * 1024  # the server's per-file cap (413 above it)
+
+DEFAULT_HEARTBEAT_S = 300.0
+DEFAULT_STOP_POLL_S = 10.0
+DEFAULT_RESOURCE_S = 30.0
+THREAD_JOIN_S = 2.0  # Reporter.__exit__ waits at most this long for each daemon thread
+DRAIN_S = 3.0  # ... and at most this long for the queue to drain
+
+MAX_BATCH_EVENTS = 500  # the server's limit per /api/events/batch request
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # keep request bodies bounded
+MAX_STRING_CHARS = 16 * 1024  # longer strings (log lines, reasons) are truncated
+_MAX_EVENT_CHARS = 64 * 1024  # an encoded event above this is re-encoded with truncation
+_MAX_DEPTH = 16  # nesting depth of values kept as structures
+
+RETRY_ATTEMPTS = 5  # 5xx / network failures before a chunk is spilled
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 30.0  # cap of the backoff between probes of a down server
+RETRY_AFTER_CAP_S = 60.0  # a 429's Retry-After is honoured up to this
+AUTH_PROBE_S = 60.0  # after 401/403/404, try again this often (doubling, up to 10 min)
+UPLOAD_WAIT_S = 120.0  # job.upload() waits at most this long for its files
+
+ENV_URL = "ARGUS_URL"
+ENV_TOKEN = "ARGUS_TOKEN"
+ENV_DISABLE = "ARGUS_DISABLE"  # 1/true/yes/on: the SDK becomes a no-op
+ENV_BATCH_ID = "ARGUS_BATCH_ID"  # set by set_batch_id() for child processes
+ENV_TRANSPORT = "ARGUS_TRANSPORT"  # "requests" or "urllib" (standard library)
+ENV_CA_BUNDLE = "ARGUS_CA_BUNDLE"  # CA file used by this SDK only
+ENV_SPILL_DIR = "ARGUS_SPILL_DIR"  # where undeliverable events wait (default ~/.argus-reporter)
+ENV_SPILL_MAX_MB = "ARGUS_SPILL_MAX_MB"  # cap on the spill directory's total size
+ENV_SPILL_ROTATE_S = "ARGUS_SPILL_ROTATE_S"  # an open spill file is closed for replay after this
+ENV_QUEUE_SIZE = "ARGUS_QUEUE_SIZE"  # in-memory queue bound of a Reporter, in events
+ENV_HANDLE_SIGTERM = "ARGUS_HANDLE_SIGTERM"  # 0 leaves SIGTERM alone
+ENV_ALL_RANKS = "ARGUS_ALL_RANKS"  # 1: every DDP/SLURM rank reports, not only rank 0
+ENV_OFFLINE = "ARGUS_OFFLINE"  # 1: no network, every event goes to the spill store
+ENV_MODE = "ARGUS_MODE"  # "offline" is the same as ARGUS_OFFLINE=1
+
+DEFAULT_SPILL_MAX_MB = 1024.0
+DEFAULT_SPILL_ROTATE_S = 30.0
+DEFAULT_QUEUE_SIZE = 100_000
+QUEUE_MAX_BYTES = 64 * 1024 * 1024  # bound on the bytes of strings waiting in memory
+_SPILL_ROTATE_BYTES = 16 * 1024 * 1024
+_MONITOR_YAML = os.path.join("configs", "monitor.yaml")
+_USER_AGENT = "argus-reporter/%s (schema=%s; python/%d.%d)" % (
+    __version__,
+    SCHEMA_VERSION,
+    sys.version_info[0],
+    sys.version_info[1],
+)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+_now = time.time
+_mono = time.monotonic
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        _log_once("env:" + name, "warning", "%s=%r is not a number; using %s", name, raw, default)
+        return default
+
+
+_LOG = None
+_logged_once = set()
+
+
+def _logger():
+    global _LOG
+    if _LOG is None:
+        import logging
+
+        _LOG = logging.getLogger(__name__)
+    return _LOG
+
+
+def _log(level: str, msg: str, *args) -> None:
+    try:
+        getattr(_logger(), level)(msg, *args)
+    except Exception:  # logging must never break the caller
+        pass
+
+
+def _log_once(key: str, level: str, msg: str, *args) -> None:
+    if key not in _logged_once:
+        _logged_once.add(key)
+        _log(level, msg, *args)
+
+
+def _offline_mode() -> bool:
+    return _env_flag(ENV_OFFLINE) or os.environ.get(ENV_MODE, "").strip().lower() == "offline"
+
+
+def _read_monitor_yaml(path: str = _MONITOR_YAML) -> dict:
+    """Read the flat ``key: value`` lines of configs/monitor.yaml without PyYAML."""
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            line = raw.split(" #", 1)[0].strip()
+            if not line or line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            value = value.strip().strip("'\"")
+            if value:
+                values[key.strip()] = value
+    return values
+
+
+def _resolve_url(monitor_url: str | None = None) -> tuple:
+    """Return ``(url, source)``; ``(None, None)`` when no URL is configured or it is invalid."""
+    if monitor_url:
+        url, source = monitor_url.strip(), "argument"
+    elif os.environ.get(ENV_URL, "").strip():
+        url, source = os.environ[ENV_URL].strip(), "environment (%s)" % ENV_URL
+    else:
+        url = source = None
+        if os.path.exists(_MONITOR_YAML):
+            try:
+                cfg = _read_monitor_yaml()
+            except (OSError, UnicodeDecodeError) as exc:
+                _log_once("yaml", "error", "argus: cannot read %s: %s", _MONITOR_YAML, exc)
+                cfg = {}
+            url = cfg.get("url") or cfg.get("monitor_url")
+            source = _MONITOR_YAML if url else None
+    if url and not url.lower().startswith(("http://", "https://")):
+        _log_once(
+            "url:" + url,
+            "error",
+            "argus: the server URL %r (from %s) has no scheme; write it as http://host:port "
+            "or https://host. Events are not sent.",
+            url,
+            source,
+        )
+        return None, None
+    return (url.rstrip("/"), source) if url else (None, None)
+
+
+def _resolve_token(token: str | None = None) -> tuple:
+    """Return ``(token, source)``; surrounding whitespace is removed with a warning."""
+    if token is not None:
+        source = "argument"
+    elif os.environ.get(ENV_TOKEN) is not None:
+        token, source = os.environ[ENV_TOKEN], "environment (%s)" % ENV_TOKEN
+    else:
+        return None, None
+    if token != token.strip():
+        _log_once(
+            "token-ws",
+            "warning",
+            "argus: the token from %s has surrounding whitespace; it was stripped",
+            source,
+        )
+        token = token.strip()
+    if any(c.isspace() for c in token):
+        _log_once(
+            "token-inner-ws",
+            "error",
+            "argus: the token from %s contains whitespace; the server will refuse it. "
+            "Copy the em_live_... token again.",
+            source,
+        )
+    return (token or None), (source if token else None)
+
+
+def _ca_bundle() -> str | None:
+    for name in (ENV_CA_BUNDLE, "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _default_spill_dir() -> str:
+    configured = os.environ.get(ENV_SPILL_DIR, "").strip()
+    return os.path.expanduser(configured or os.path.join("~", ".argus-reporter"))
+
+
+# ---------------------------------------------------------------------------------------
+# Values and events
+# ---------------------------------------------------------------------------------------
+
+# Values of these exact types go onto the queue untouched; anything else is converted on
+# the caller's thread (a tensor may change in place after the call).
+_PLAIN_TYPES = frozenset((int, float, str, bool, type(None)))
+
+_json_encode = None
+
+
+def _dumps(value) -> str:
+    """Strict JSON (RFC 8259): raises ValueError on NaN/Infinity."""
+    global _json_encode
+    if _json_encode is None:
+        import json
+
+        try:  # the C encoder object is reusable: building it per call costs more than encoding
+            from json.encoder import c_make_encoder, encode_basestring_ascii
+
+            def refuse(obj):
+                raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+
+            encoder = c_make_encoder(
+                None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
+            )
+
+            def _json_encode(obj):
+                return "".join(encoder(obj, 0))
+
+        except (ImportError, TypeError):  # no C accelerator (PyPy) or a changed signature
+            _json_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+    return _json_encode(value)
+
+
+def _loads(text):
+    import json
+
+    return json.loads(text)
+
+
+def _truncate(text: str, limit: int = MAX_STRING_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + "...[truncated %d chars]" % (len(text) - limit)
+
+
+def _json_key(key) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None:
+        return "null"
+    if key is True or key is False:
+        return "true" if key else "false"
+    return str(key)
+
+
+def _jsonable(value, _depth: int = 0):
+    """Return a JSON-safe copy of ``value`` (non-finite floats are kept; see _encode_data)."""
+    kind = type(value)
+    if kind is str:
+        return _truncate(value)
+    if value is None or kind is bool or kind is int or kind is float:
+        return value
+    if _depth >= _MAX_DEPTH:
+        return _truncate(repr(value))
+    if isinstance(value, dict):
+        return {_json_key(k): _jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, _depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [_jsonable(v, _depth + 1) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=repr)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):  # IntEnum, IntFlag and other int subclasses
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return _truncate(str(value))
+    if isinstance(value, (bytes, bytearray)):
+        return _truncate(bytes(value).decode("utf-8", "replace"))
+    # numpy scalars, 0-d arrays and 0-d torch tensors: their own item(), no import needed.
+    shape = getattr(value, "shape", None)
+    if shape is not None and callable(getattr(value, "item", None)):
+        try:
+            if tuple(shape) == () or _size(value) == 1:
+                return _jsonable(value.item(), _depth + 1)
+            if callable(getattr(value, "tolist", None)) and _size(value) <= 10_000:
+                return _jsonable(value.tolist(), _depth + 1)
+        except Exception:
+            pass
+    if hasattr(value, "isoformat"):  # datetime, date, time
+        try:
+            return value.isoformat()
+        except Exception:
+            pass
+    if hasattr(value, "__fspath__"):
+        return os.fspath(value)
+    if hasattr(value, "_value_"):  # Enum
+        return _jsonable(value._value_, _depth + 1)
+    if hasattr(value, "__float__") and not hasattr(value, "__len__"):  # Decimal, Fraction
+        try:
+            return float(value)
+        except Exception:
+            pass
+    try:
+        return _truncate(str(value))
+    except Exception:
+        return "<unprintable %s>" % type(value).__name__
+
+
+def _size(value) -> int:
+    size = getattr(value, "size", None)
+    if callable(size):  # torch: .size() is the shape; numel() is the count
+        numel = getattr(value, "numel", None)
+        return int(numel()) if callable(numel) else -1
+    return int(size) if size is not None else -1
+
+
+_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _replace_nonfinite(value, path: str, found: dict):
+    if type(value) is float and value - value != 0.0:  # NaN or +-Infinity
+        found[path] = _NONFINITE[repr(value)]
+        return None
+    if isinstance(value, dict):
+        return {
+            k: _replace_nonfinite(v, "%s.%s" % (path, k) if path else k, found)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_replace_nonfinite(v, "%s[%d]" % (path, i), found) for i, v in enumerate(value)]
+    return value
+
+
+def _encode_data(data: dict) -> str:
+    """Encode an event's data as strict JSON.
+
+    A non-finite float travels as ``null`` in its place, and the event's data gains
+    ``"nonfinite": {"<key path>": "NaN" | "Infinity" | "-Infinity"}`` so that nothing is lost.
+    """
+    try:
+        text = _dumps(data)
+    except ValueError:
+        found = {}
+        data = _replace_nonfinite(data, "", found)
+        data["nonfinite"] = found
+        text = _dumps(data)
+    except (TypeError, RecursionError):  # a value that skipped conversion
+        return _encode_data(_jsonable(data))
+    if len(text) > _MAX_EVENT_CHARS:
+        text = _dumps(_replace_nonfinite(_jsonable(data), "", {}))
+    return text
+
+
+_rng = None  # a private generator: a user's random.seed() must never repeat our event ids
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
+
+
+def _uuid4() -> str:
+    global _rng
+    if _rng is None:
+        import random
+
+        _rng = random.Random()  # seeded from os.urandom; re-seeded in forked children
+    h = "%032x" % (_rng.getrandbits(128) & _UUID_CLEAR | _UUID_SET)
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+_ts_cache = (-1, "")  # (second, its formatted prefix), replaced whole: safe across threads
+
+
+def _format_ts(ts: float) -> str:
+    """ISO 8601 UTC, fixed width with milliseconds: the server sorts timestamps as strings."""
+    global _ts_cache
+    secs = int(ts)
+    cached_secs, prefix = _ts_cache
+    if cached_secs != secs:
+        t = time.gmtime(secs)
+        prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % (t[0], t[1], t[2], t[3], t[4], t[5])
+        _ts_cache = (secs, prefix)
+    return "%s.%03dZ" % (prefix, min(999, int((ts - secs) * 1000)))
+
+
+def _reason(exc_type, exc) -> str:
+    if exc_type is None:
+        return "unknown"
+    text = str(exc) if exc is not None else ""
+    name = getattr(exc_type, "__name__", str(exc_type))
+    return _truncate("%s: %s" % (name, text) if text else name, 2000)
+
+
+def _process_command() -> str:
+    """The real command line of this process (from /proc when available)."""
+    args = None
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            raw = f.read().split(b"\0")
+        args = [a.decode("utf-8", "replace") for a in raw if a] or None
+    except OSError:
+        pass
+    if args is None:
+        args = [os.path.basename(sys.executable or "python")] + list(sys.argv)
+    import shlex
+
+    return _truncate(" ".join(shlex.quote(a) for a in args), 4000)
+
+
+_SOURCE_CACHE = {}
+
+
+def _host() -> str:
+    try:
+        return os.uname().nodename
+    except AttributeError:  # Windows
+        import socket
+
+        return socket.gethostname()
+
+
+def _user() -> str | None:
+    for name in ("USER", "LOGNAME", "USERNAME"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except Exception:
+        return None
+
+
+def _git_commit(short: bool = True, timeout: float = 2.0) -> str | None:
+    import subprocess
+
+    cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def _detected_source() -> dict:
+    """host/user/commit of this process, looked up once (the git call runs on the worker)."""
+    if not _SOURCE_CACHE:
+        _SOURCE_CACHE.update(host=_host(), user=_user(), commit=_git_commit())
+    return _SOURCE_CACHE
+
+
+# ---------------------------------------------------------------------------------------
+# The spill store on disk
+# ---------------------------------------------------------------------------------------
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: replay works, without protection against two replayers
+    _fcntl = None
+
+_SPILL_SUFFIX = ".jsonl"
+_OPEN_SUFFIX = ".jsonl.part"  # a file still being written; never replayed while its writer lives
+_DEAD_LETTER = "deadletter.jsonl"
+_PENDING_UPLOADS = "pending-uploads.jsonl"
+
+
+def _lock_nb(fd: int) -> bool:
+    if _fcntl is None:
+        return True
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+class SpillStore:
+    """Undeliverable events, one JSON line each, in ``*.jsonl`` files of one directory.
+
+    A writer appends to its own ``*.jsonl.part`` file, holding an exclusive ``flock`` on it,
+    and renames it to ``*.jsonl`` when it rotates or closes. A replayer claims a file by
+    taking that lock (so a dead writer's file is taken over), sends its events and deletes
+    it only after they are acknowledged. The directory is 0700, the files 0600, and they hold
+    events only, never the token. The total size is capped (``ARGUS_SPILL_MAX_MB``).
+    """
+
+    def __init__(self, directory: str | None = None, max_mb: float | None = None):
+        self.directory = os.path.abspath(directory or _default_spill_dir())
+        self.max_bytes = int(
+            (max_mb if max_mb is not None else _env_float(ENV_SPILL_MAX_MB, DEFAULT_SPILL_MAX_MB))
+            * 1024
+            * 1024
+        )
+        self.rotate_s = _env_float(ENV_SPILL_ROTATE_S, DEFAULT_SPILL_ROTATE_S)
+        self.spilled = 0  # events this process wrote
+        self.dropped = 0  # events refused because the directory is at its cap
+        self.rejected = 0  # events set aside in the dead-letter file
+        self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
+        self._fh = None
+        self._path = None
+        self._opened = 0.0
+        self._written = 0
+        self._total = None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        try:
+            if os.stat(self.directory).st_mode & 0o077:
+                os.chmod(self.directory, 0o700)
+        except OSError:
+            pass
+
+    def _dir_bytes(self) -> int:
+        total = 0
+        try:
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    if entry.name.endswith((_SPILL_SUFFIX, _OPEN_SUFFIX)):
+                        try:
+                            total += entry.stat().st_size
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+        return total
+
+    def _open(self) -> None:
+        self._ensure_dir()
+        name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
+        path = os.path.join(self.directory, name + _OPEN_SUFFIX)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        _lock_nb(fd)
+        self._fh = os.fdopen(fd, "a", encoding="utf-8")
+        self._path = path
+        self._opened = _mono()
+        self._written = 0
+
+    def append(self, lines) -> int:
+        """Write encoded events; returns how many were written (0 when at the cap)."""
+        if not lines:
+            return 0
+        text = "\n".join(lines) + "\n"
+        size = len(text.encode("utf-8"))
+        with self._lock:
+            try:
+                if self._total is None:
+                    self._ensure_dir()
+                    self._total = self._dir_bytes()
+                if self._total + size > self.max_bytes:
+                    self._total = self._dir_bytes()  # others may have replayed meanwhile
+                    if self._total + size > self.max_bytes:
+                        self.dropped += len(lines)
+                        _log(
+                            "error",
+                            "argus: the spill directory %s is at its cap of %d MB: %d event(s) "
+                            "could not be saved (%d so far). Run `python -m argus sync` or "
+                            "raise %s.",
+                            self.directory,
+                            self.max_bytes // (1024 * 1024),
+                            len(lines),
+                            self.dropped,
+                            ENV_SPILL_MAX_MB,
+                        )
+                        return 0
+                if self._fh is None:
+                    self._open()
+                self._fh.write(text)
+                self._fh.flush()
+            except OSError as exc:
+                self.dropped += len(lines)
+                _log("error", "argus: cannot write to %s: %s", self.directory, exc)
+                return 0
+            self._total += size
+            self._written += size
+            self.spilled += len(lines)
+            if self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s:
+                self.rotate()
+            return len(lines)
+
+    def rotate(self) -> None:
+        """Close the open file so that it can be replayed (by this or another process)."""
+        with self._lock:
+            fh, path = self._fh, self._path
+            self._fh = self._path = None
+            if fh is None:
+                return
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+                os.rename(path, path[: -len(".part")])
+            except OSError as exc:
+                _log("warning", "argus: cannot close spill file %s: %s", path, exc)
+            finally:
+                fh.close()
+
+    close = rotate
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's open file (and its lock)."""
+        self._lock = threading.RLock()
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+        self._fh = self._path = None
+
+    def _side_file(self, name: str, entries) -> None:
+        with self._lock:
+            self._ensure_dir()
+            path = os.path.join(self.directory, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write("".join(_dumps(e) + "\n" for e in entries))
+
+    def dead_letter(self, rejected) -> None:
+        """Set aside ``(event_line, status, message)`` triples the server refused."""
+        if not rejected:
+            return
+        entries = []
+        for line, status, message in rejected:
+            try:
+                event = _loads(line)
+            except ValueError:
+                event = line
+            entries.append(
+                {
+                    "rejected_at": _format_ts(_now()),
+                    "status": status,
+                    "error": _truncate(str(message), 2000),
+                    "event": event,
+                }
+            )
+        try:
+            self._side_file(_DEAD_LETTER, entries)
+        except OSError as exc:
+            _log("error", "argus: cannot write the dead-letter file: %s", exc)
+        self.rejected += len(entries)
+        _log_once(
+            "dead-letter:" + self.directory,
+            "error",
+            "argus: the server rejected %d event(s) (%s %s); they are kept in %s and not "
+            "retried. Later rejections are counted there without another log line.",
+            len(entries),
+            entries[0]["status"],
+            entries[0]["error"],
+            os.path.join(self.directory, _DEAD_LETTER),
+        )
+
+    def record_upload(self, entry: dict) -> None:
+        self.record_upload_many([entry])
+
+    def record_upload_many(self, entries: list) -> None:
+        """Remember uploads made offline (path, size, route) for ``argus sync``."""
+        try:
+            self._side_file(_PENDING_UPLOADS, entries)
+        except OSError as exc:
+            _log("error", "argus: cannot record a pending upload: %s", exc)
+
+    # -- replaying --------------------------------------------------------------------
+
+    def _candidates(self) -> list:
+        found = []
+        try:
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    name = entry.name
+                    if name in (_DEAD_LETTER, _PENDING_UPLOADS):
+                        continue
+                    if name.endswith(_SPILL_SUFFIX) or name.endswith(_OPEN_SUFFIX):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        found.append((st.st_mtime, name, entry.path, st.st_size))
+        except OSError:
+            return []
+        found.sort()
+        return found
+
+    def claim_next(self, skip=()) -> _Claim | None:
+        """Claim the oldest unclaimed spill file, or return None when there is none."""
+        for mtime, name, path, size in self._candidates():
+            if path in skip or path == self._path:
+                continue
+            if name.endswith(_OPEN_SUFFIX) and size == 0:
+                if time.time() - mtime > 60:  # an empty file left by a dead writer
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                if not _lock_nb(fd) or os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    os.close(fd)  # held by its writer or another replayer, or replaced
+                    continue
+            except OSError:
+                os.close(fd)
+                continue
+            return _Claim(self, path, fd, mtime)
+        return None
+
+    def backlog(self) -> dict:
+        """Files, events, bytes and the oldest file's age of what waits in the directory."""
+        files = events = nbytes = 0
+        oldest = None
+        for mtime, _name, path, size in self._candidates():
+            files += 1
+            nbytes += size
+            oldest = mtime if oldest is None else min(oldest, mtime)
+            try:
+                with open(path, "rb") as f:
+                    events += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+            except OSError:
+                pass
+        return {
+            "directory": self.directory,
+            "files": files,
+            "events": events,
+            "bytes": nbytes,
+            "oldest": _format_ts(oldest) if oldest else None,
+            "dead_letter": _count_lines(os.path.join(self.directory, _DEAD_LETTER)),
+            "pending_uploads": _count_lines(os.path.join(self.directory, _PENDING_UPLOADS)),
+        }
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except OSError:
+        return 0
+
+
+class _Claim:
+    """One spill file held by this process while its events are re-sent."""
+
+    def __init__(self, store: SpillStore, path: str, fd: int, mtime: float):
+        self.store = store
+        self.path = path
+        self._fd = fd
+        self._mtime = mtime
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+        self.lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
+        self.pos = 0
+
+    def next_chunk(self, limit: int = MAX_BATCH_EVENTS) -> list:
+        """Up to ``limit`` ``(event_id, line)`` pairs; malformed lines go to the dead letter."""
+        pairs, poison = [], []
+        nbytes = 0
+        while self.pos < len(self.lines) and len(pairs) < limit and nbytes < MAX_BATCH_BYTES:
+            line = self.lines[self.pos]
+            self.pos += 1
+            try:
+                event = _loads(line)
+                event_id = event["event_id"] if isinstance(event, dict) else None
+            except (ValueError, KeyError):
+                event_id = None
+            if not isinstance(event_id, str):
+                poison.append((line, "malformed", "unreadable line in spill file %s" % self.path))
+                continue
+            pairs.append((event_id, line))
+            nbytes += len(line)
+        self.store.dead_letter(poison)
+        return pairs
+
+    def done(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self._close()
+
+    def release(self, unsent=()) -> None:
+        """Give the file back, keeping ``unsent`` plus everything not yet read."""
+        remaining = list(unsent) + self.lines[self.pos :]
+        if not remaining:
+            return self.done()
+        if self.pos:
+            tmp = self.path + ".tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write("\n".join(remaining) + "\n")
+                os.utime(tmp, (self._mtime, self._mtime))  # keep its place in the order
+                target = self.path
+                if target.endswith(".part"):
+                    target = target[: -len(".part")]
+                os.replace(tmp, target)
+                if target != self.path:
+                    os.unlink(self.path)
+            except OSError as exc:
+                _log("warning", "argus: cannot rewrite spill file %s: %s", self.path, exc)
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)  # also releases the lock
+            except OSError:
+                pass
+            self._fd = None
+
+
+# ---------------------------------------------------------------------------------------
+# Transports
+# ---------------------------------------------------------------------------------------
+
+
+class _NetworkError(Exception):
+    """Connection refused or reset, DNS, TLS, timeout: anything without an HTTP status."""
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy URL for a request, from HTTP(S)_PROXY and NO_PROXY (either case)."""
+
+    def env(name):
+        return os.environ.get(name.lower()) or os.environ.get(name.upper()) or ""
+
+    proxy = env("%s_proxy" % scheme) or env("all_proxy")
+    if not proxy:
+        return None
+    for entry in env("no_proxy").replace(" ", "").split(","):
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        entry = entry.lstrip(".").split(":")[0].lower()
+        if host.lower() == entry or host.lower().endswith("." + entry):
+            return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+class _StdlibTransport:
+    """HTTP/1.1 with keep-alive on ``http.client``; proxies by CONNECT or absolute URI."""
+
+    name = "urllib"
+
+    def __init__(self, base_url: str, token: str | None = None):
+        import http.client
+        from urllib.parse import unquote, urlsplit
+
+        self._http = http.client
+        url = urlsplit(base_url)
+        self.base_url = base_url
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._prefix = url.path.rstrip("/")
+        self._headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = "Bearer " + token
+        self._proxy = None
+        proxy = _proxy_for(url.scheme, self._host)
+        if proxy:
+            p = urlsplit(proxy)
+            self._proxy = (p.hostname, p.port or 8080)
+            if p.username:
+                import base64
+
+                creds = "%s:%s" % (unquote(p.username), unquote(p.password or ""))
+                self._proxy_auth = "Basic " + base64.b64encode(creds.encode()).decode()
+            else:
+                self._proxy_auth = None
+        self._conn = None
+
+    def _connect(self, timeout: float):
+        http = self._http
+        if self._https:
+            import ssl
+
+            bundle = _ca_bundle()
+            ctx = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+            if self._proxy:
+                conn = http.HTTPSConnection(*self._proxy, timeout=timeout, context=ctx)
+                headers = {"Proxy-Authorization": self._proxy_auth} if self._proxy_auth else None
+                conn.set_tunnel(self._host, self._port, headers=headers)
+                return conn
+            return http.HTTPSConnection(self._host, self._port, timeout=timeout, context=ctx)
+        if self._proxy:
+            return http.HTTPConnection(*self._proxy, timeout=timeout)
+        return http.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
+        """Return ``(status, headers, body_bytes)``; raise _NetworkError without an answer."""
+        target = self._prefix + path
+        hdrs = dict(self._headers)
+        if headers:
+            hdrs.update(headers)
+        if self._proxy and not self._https:
+            target = "http://%s:%d%s" % (self._host, self._port, target)
+            if self._proxy_auth:
+                hdrs["Proxy-Authorization"] = self._proxy_auth
+        timeout = max(0.05, timeout)
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            conn = self._conn or self._connect(timeout)
+            self._conn = conn
+            try:
+                conn.timeout = timeout
+                if conn.sock is None:
+                    conn.connect()
+                    _no_delay(conn.sock)
+                conn.sock.settimeout(timeout)
+                conn.request(method, target, body=body, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except (self._http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self.close()
+                if reused and attempt == 0:
+                    continue  # the server closed an idle keep-alive connection
+                raise _NetworkError(str(exc) or type(exc).__name__) from None
+            except (OSError, self._http.HTTPException, ValueError) as exc:
+                self.close()
+                raise _NetworkError(str(exc) or type(exc).__name__) from None
+        raise _NetworkError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+def _no_delay(sock) -> None:
+    """http.client sends headers and body in separate writes: without this, Nagle's
+    algorithm and delayed ACKs add ~40 ms to a request."""
+    import socket
+
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _RequestsTransport:
+    """The same interface on a ``requests.Session`` (proxies and NO_PROXY from the env)."""
+
+    name = "requests"
+
+    def __init__(self, base_url: str, token: str | None = None):
+        import requests
+
+        self._requests = requests
+        self.base_url = base_url
+        self._session = requests.Session()
+        self._session.headers.update({"User-Agent": _USER_AGENT, "Accept": "application/json"})
+        if token:
+            self._session.headers["Authorization"] = "Bearer " + token
+        self._verify = _ca_bundle() or True
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
+        timeout = max(0.05, timeout)
+        try:
+            resp = self._session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=headers,
+                timeout=(timeout, timeout),
+                verify=self._verify,
+            )
+            data = resp.content
+        except self._requests.RequestException as exc:
+            raise _NetworkError(str(exc) or type(exc).__name__) from None
+        except (OSError, ValueError) as exc:
+            raise _NetworkError(str(exc) or type(exc).__name__) from None
+        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
+
+    def close(self) -> None:
+        try:
+            self._session.close()
+        except Exception:
+            pass
+
+
+def _make_transport(base_url: str, token: str | None):
+    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
+    if choice not in ("urllib", "stdlib", "http.client"):
+        try:
+            return _RequestsTransport(base_url, token)
+        except ImportError:
+            if choice == "requests":
+                _log_once(
+                    "no-requests",
+                    "warning",
+                    "argus: %s=requests but requests is not importable; using the standard "
+                    "library",
+                    ENV_TRANSPORT,
+                )
+    return _StdlibTransport(base_url, token)
+
+
+def _transport_name() -> str:
+    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
+    if choice in ("urllib", "stdlib", "http.client"):
+        return "urllib"
+    import importlib.util
+
+    return "requests" if importlib.util.find_spec("requests") else "urllib"
+
+
+def _retry_after(headers: dict, default: float) -> float:
+    raw = headers.get("retry-after")
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            from email.utils import parsedate_to_datetime
+
+            seconds = parsedate_to_datetime(raw).timestamp() - _now()
+        except (TypeError, ValueError, IndexError):
+            return default
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        detail = _loads(body.decode("utf-8", "replace"))
+        if isinstance(detail, dict) and "detail" in detail:
+            return str(detail["detail"])
+    except ValueError:
+        pass
+    return _truncate(body.decode("utf-8", "replace"), 300)
+
+
+class _MultipartBody:
+    """A multipart/form-data body streamed from the file: iterable, with a known length."""
+
+    def __init__(self, path: str, fields: dict):
+        self.boundary = "argus-%s" % os.urandom(12).hex()
+        self.content_type = "multipart/form-data; boundary=" + self.boundary
+        self._path = path
+        filename = os.path.basename(path).replace('"', "_")
+        head = []
+        for name, value in fields.items():
+            head.append(
+                '--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                % (self.boundary, name, value)
+            )
+        head.append(
+            '--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
+            "Content-Type: %s\r\n\r\n" % (self.boundary, filename, _mime_type(path))
+        )
+        self._head = "".join(head).encode("utf-8")
+        self._tail = ("\r\n--%s--\r\n" % self.boundary).encode("ascii")
+        self._length = len(self._head) + os.path.getsize(path) + len(self._tail)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        yield self._head
+        with open(self._path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                yield chunk
+        yield self._tail
+
+
+def _mime_type(path: str) -> str:
+    return {
+        ".png": "image/png",
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".pdf": "application/pdf",
+        ".svg": "image/svg+xml",
+    }.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
+
+
+# ---------------------------------------------------------------------------------------
+# The delivery worker
+# ---------------------------------------------------------------------------------------
+
+_live = weakref.WeakSet()  # every open ExperimentReporter of this process
+
+
+class _Upload:
+    __slots__ = ("route", "path", "label", "meta", "batch_level", "done", "result")
+
+    def __init__(self, route, path, label, meta, batch_level):
+        self.route, self.path, self.label, self.meta = route, path, label, meta
+        self.batch_level = batch_level
+        self.done = threading.Event()
+        self.result = None
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self):
+        self.done = threading.Event()
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+class ExperimentReporter:
+    """The low-level sender: one bounded queue, one worker thread, spill on failure.
+
+    Every method returns at once and never raises because of the network, the server or a
+    value. Events that cannot be delivered are saved to the spill store and re-sent when the
+    server answers again (in this run) or at the next start.
+    """
+
+    def __init__(
+        self,
+        url: str | None,
+        project: str,
+        auth_token: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        commit: str | None = None,
+        timeout: float = 10.0,
+        queue_size: int = 1000,
+        spill_path: str | os.PathLike | None = None,
+        batch_id: str | None = None,
+        *,
+        _worker: bool = True,
+    ):
+        if not isinstance(project, str) or not project:
+            raise TypeError("project must be a non-empty string, e.g. ExperimentReporter(url, 'my-paper')")
+        if batch_id is not None:
+            _check_batch_id(batch_id)
+        self.project = project
+        self.timeout = float(timeout)
+        self._host, self._user, self._commit = host, user, commit
+        self._command = None
+        self._source_json = None
+        self._batch_id = batch_id or new_batch_id()
+        self._offline = _offline_mode() if _worker else False  # the CLI sends synchronously
+        disabled = _env_flag(ENV_DISABLE)
+        self.url, self.url_source = (None, None) if disabled else _resolve_url(url)
+        self._token = _resolve_token(auth_token)[0] if not disabled else None
+        self.enabled = not disabled and bool(self._offline or self.url)
+        if not self.enabled and not disabled:
+            _log_once(
+                "no-url",
+                "warning",
+                "argus: no Argus server is configured, so events are not recorded. Set %s "
+                "(e.g. export %s=http://argus-host:8000), pass monitor_url=..., or add "
+                "'url: ...' to %s.",
+                ENV_URL,
+                ENV_URL,
+                _MONITOR_YAML,
+            )
+        if spill_path is not None:
+            spill_path = os.fspath(spill_path)
+            if spill_path.endswith(_SPILL_SUFFIX):
+                spill_path = os.path.dirname(spill_path) or "."
+        self.spill = SpillStore(spill_path)
+        self._qmax = max(1, int(queue_size))
+        self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
+        self._reset_runtime()
+        self._slow = not self.enabled  # True: _submit takes the careful path
+        self._closed = False
+        if self.enabled and _worker:
+            _live.add(self)
+            self._start()
+
+    def _reset_runtime(self) -> None:
+        """Queue, events, locks and thread state: built at start and again after a fork."""
+        self._queue = deque()
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._idle = True
+        self._thread = None
+        self._lock = threading.Lock()
+        self._wake_evt = threading.Event()
+        self._stop_evt = threading.Event()
+        self._pause = threading.Event()  # never set: an interruptible-free wait while closing
+        self._transport = None
+        self._claim = None
+        self._inflight = None
+        self._closing = False
+        self._abandoned = False
+        self._deadline = None
+        self._down_until = 0.0
+        self._fails = 0
+        self._auth_fails = 0
+        self._replay_due = None if self._offline else 0.0
+        self._last_activity = _mono()
+
+    # -- the caller's side --------------------------------------------------------------
+
+    @property
+    def batch_id(self) -> str:
+        return self._batch_id
+
+    @property
+    def transport_name(self) -> str:
+        return self._transport.name if self._transport is not None else _transport_name()
+
+    def _submit(self, etype: str, job_id, data: dict, size: int = 0, batch_id=None) -> None:
+        if self._slow:
+            return self._submit_slow(etype, job_id, data, size, batch_id)
+        for value in data.values():
+            if type(value) not in _PLAIN_TYPES:
+                data = _jsonable(data)
+                break
+        queue = self._queue
+        if len(queue) >= self._qmax or (size and self._bytes_in - self._bytes_out > QUEUE_MAX_BYTES):
+            return self._overflow((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
+        if size:
+            self._bytes_in += size
+        queue.append((etype, batch_id or self._batch_id, job_id, _now(), data, size))
+        if self._idle:
+            self._wake()
+
+    def _submit_slow(self, etype, job_id, data, size, batch_id) -> None:
+        if not self.enabled:
+            return
+        data = _jsonable(data)
+        self._overflow((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
+
+    def _overflow(self, record) -> None:
+        """The queue is full (or this reporter is closed): write the event to disk now."""
+        try:
+            self.spill.append([self._encode(record)[1]])
+        except Exception as exc:  # never into the training loop
+            _log("error", "argus: could not spill an event: %r", exc)
+        if not self._offline:
+            self._replay_due = 0.0 if self._replay_due is None else self._replay_due
+        if self._idle and not self._closed:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._idle = False
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            if self._closing or self._closed:
+                return
+            self._start()
+        self._wake_evt.set()
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, name="argus-worker", daemon=True)
+        self._thread = thread
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: events stay queued for close()
+            self._thread = None
+
+    def _data(self, fields: dict) -> dict:
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def _event(self, etype: str, job_id, **fields) -> None:
+        self._submit(etype, job_id, self._data(fields))
+
+    # -- the legacy API -----------------------------------------------------------------
+
+    def batch_start(
+        self,
+        experiment_type: str | None,
+        n_total: int | None,
+        command: str | None = None,
+        batch_id: str | None = None,
+        **extra,
+    ) -> str:
+        """Emit ``batch_start`` and return the batch id (``batch_id`` replaces the current one)."""
+        if batch_id is not None:
+            _check_batch_id(batch_id)
+            self._batch_id = batch_id
+        if command is not None and command != self._command:
+            self._command = _truncate(str(command), 4000)
+            self._source_json = None
+        self._event(
+            "batch_start",
+            None,
+            experiment_type=experiment_type,
+            n_total_jobs=n_total,
+            command=command,
+            **extra,
+        )
+        return self._batch_id
+
+    def batch_done(self, n_done: int, n_failed: int = 0, total_elapsed_s=None, **extra) -> None:
+        self._event(
+            "batch_done", None, n_done=n_done, n_failed=n_failed, total_elapsed_s=total_elapsed_s, **extra
+        )
+
+    def batch_failed(self, reason: str | None = None, **extra) -> None:
+        self._event("batch_failed", None, reason=_truncate(str(reason or "unknown")), **extra)
+
+    def job_start(self, job_id: str, model=None, dataset=None, **extra) -> None:
+        _check_job_id(job_id)
+        self._event("job_start", job_id, model=model, dataset=dataset, **extra)
+
+    def job_epoch(self, job_id: str, epoch, train_loss=None, val_loss=None, lr=None, **extra) -> None:
+        _check_job_id(job_id)
+        self._event(
+            "job_epoch",
+            job_id,
+            epoch=_epoch_number(epoch),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            lr=lr,
+            **extra,
+        )
+
+    def job_done(
+        self, job_id: str, metrics=None, elapsed_s=None, train_epochs=None, resources=None, **extra
+    ) -> None:
+        _check_job_id(job_id)
+        self._event(
+            "job_done",
+            job_id,
+            status="DONE",
+            metrics=metrics,
+            elapsed_s=elapsed_s,
+            train_epochs=train_epochs,
+            resources=resources,
+            **extra,
+        )
+
+    def job_failed(self, job_id: str, reason: str | None = None, elapsed_s=None, **extra) -> None:
+        _check_job_id(job_id)
+        self._event(
+            "job_failed",
+            job_id,
+            status="FAILED",
+            reason=_truncate(str(reason or "unknown")),
+            elapsed_s=elapsed_s,
+            **extra,
+        )
+
+    def resource_snapshot(self, **fields) -> None:
+        self._event("resource_snapshot", None, **fields)
+
+    def log_line(self, job_id: str, line: str, level: str = "info", **extra) -> None:
+        _check_job_id(job_id)
+        text = _truncate(line if type(line) is str else str(line))
+        data = self._data(extra)
+        data["line"] = text
+        data["level"] = str(level).lower()
+        self._submit("log_line", job_id, data, size=len(text) + 64)
+
+    def emit(self, event: str, batch_id: str | None = None, **fields) -> None:
+        """Send one event of any type the server accepts; ``job_id`` goes to the envelope."""
+        if event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
+            raise ValueError(
+                "unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES + _SERVER_EXTRA_TYPES))
+            )
+        job_id = fields.pop("job_id", None)
+        if event in _JOB_EVENT_TYPES:
+            _check_job_id(job_id)
+        elif job_id is not None:
+            _check_job_id(job_id)
+        self._submit(event, job_id, self._data(fields), batch_id=batch_id)
+
+    def job_artifact(self, job_id: str, path, *, label: str | None = None, meta: dict | None = None):
+        """Upload one file for a job once the events queued before it are delivered.
+
+        Returns the server's artifact record, or None when it was not uploaded (the reason
+        is logged). Waits at most ``UPLOAD_WAIT_S`` seconds.
+        """
+        _check_job_id(job_id)
+        route = "/api/jobs/%s/artifacts" % _quote(job_id)
+        return self._uploads([_Upload(route, os.fspath(path), label, meta, False)])[0]
+
+    def batch_artifact(self, path, *, label: str | None = None, meta: dict | None = None):
+        """Upload one file for the batch (``/api/batches/{id}/artifacts``)."""
+        route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
+        return self._uploads([_Upload(route, os.fspath(path), label, meta, True)])[0]
+
+    def _uploads(self, uploads: list, wait: float = UPLOAD_WAIT_S) -> list:
+        if self._slow:
+            if self._closed and self.enabled:
+                _log("warning", "argus: upload after close() skipped: %s", uploads[0].path)
+            return [None] * len(uploads)
+        for upload in uploads:
+            self._queue.append(upload)
+        self._wake()
+        end = _mono() + wait
+        for upload in uploads:
+            if not upload.done.wait(max(0.0, end - _mono())):
+                _log("warning", "argus: upload of %s still pending after %.0f s", upload.path, wait)
+                break
+        return [u.result for u in uploads]
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event queued so far is delivered or spilled; False on timeout."""
+        if self._slow:
+            return True
+        marker = _Flush()
+        self._queue.append(marker)
+        self._wake()
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued within ``timeout`` seconds; spill whatever is left."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.enabled:
+            return
+        self._deadline = _mono() + max(0.0, timeout)
+        self._closing = True
+        self._stop_evt.set()
+        self._wake_evt.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, self._deadline - _mono()) + 0.05)
+        with self._lock:
+            self._abandoned = True  # a worker still blocked in a request is no longer trusted
+            leftovers = list(self._inflight or ()) if thread is not None and thread.is_alive() else []
+            while self._queue:
+                item = self._queue.popleft()
+                if type(item) is tuple:
+                    leftovers.append(self._encode(item))
+                else:
+                    item.done.set()
+        self._slow = True
+        if leftovers:
+            self.spill.append([line for _, line in leftovers])
+        self.spill.close()
+        _live.discard(self)
+
+    def __enter__(self) -> ExperimentReporter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return False
+
+    # -- the worker's side --------------------------------------------------------------
+
+    def _source(self) -> str:
+        text = self._source_json
+        if text is None:
+            detected = _detected_source()
+            source = {"project": self.project}
+            for key, explicit in (("host", self._host), ("user", self._user), ("commit", self._commit)):
+                value = explicit if explicit is not None else detected.get(key)
+                if value:
+                    source[key] = str(value)
+            if self._command:
+                source["command"] = self._command
+            text = self._source_json = _dumps(source)
+        return text
+
+    def _encode(self, record) -> tuple:
+        etype, batch_id, job_id, ts, data, _size = record
+        event_id = _uuid4()
+        line = (
+            '{"event_id":"%s","schema_version":"%s","event_type":"%s","timestamp":"%s",'
+            '"batch_id":%s,"job_id":%s,"source":%s,"data":%s}'
+            % (
+                event_id,
+                SCHEMA_VERSION,
+                etype,
+                _format_ts(ts),
+                _dumps(batch_id),
+                "null" if job_id is None else _dumps(job_id),
+                self._source(),
+                _encode_data(data),
+            )
+        )
+        return event_id, line
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the worker must never die silently
+            if not self._abandoned:
+                _log("error", "argus: the delivery worker stopped (%r); queued events are spilled", exc)
+                with self._lock:
+                    pairs = list(self._inflight or ())
+                    pairs += [self._encode(i) for i in list(self._queue) if type(i) is tuple]
+                    self._queue.clear()
+                self.spill.append([line for _, line in pairs])
+        finally:
+            claim, self._claim = self._claim, None
+            if claim is not None:
+                claim.release()
+            if self._transport is not None:
+                self._transport.close()
+
+    def _loop(self) -> None:
+        queue = self._queue
+        while not self._abandoned:
+            if queue:
+                events, control = self._take(queue)
+                if events:
+                    self._deliver(events)
+                if control is not None:
+                    self._control(control)
+                continue
+            if self._closing:
+                return
+            if self._replay_due is not None and _mono() >= max(self._replay_due, self._down_until):
+                self._replay_step()
+                continue
+            self._idle = True
+            if not queue:
+                self._wake_evt.wait(self._idle_wait())
+                self._wake_evt.clear()
+            self._idle = False
+
+    def _idle_wait(self) -> float:
+        if self._replay_due is None:
+            return 1.0
+        return min(1.0, max(0.005, max(self._replay_due, self._down_until) - _mono()))
+
+    def _take(self, queue) -> tuple:
+        events, control, nbytes = [], None, 0
+        with self._lock:
+            if self._abandoned:
+                return [], None
+            while queue and len(events) < MAX_BATCH_EVENTS and nbytes < MAX_BATCH_BYTES:
+                item = queue.popleft()
+                if type(item) is not tuple:
+                    control = item
+                    break
+                if item[5]:
+                    self._bytes_out += item[5]
+                pair = self._encode(item)
+                events.append(pair)
+                nbytes += len(pair[1])
+            self._inflight = events
+        return events, control
+
+    def _up(self) -> bool:
+        return _mono() >= self._down_until
+
+    def _deliver(self, events: list) -> None:
+        if self._offline or not self._up():
+            unsent = events
+        else:
+            unsent = self._send(events, RETRY_ATTEMPTS)
+        with self._lock:
+            self._inflight = None
+            if self._abandoned:
+                return
+        if unsent:
+            self.spill.append([line for _, line in unsent])
+            if not self._offline and self._replay_due is None:
+                self._replay_due = self._down_until
+
+    def _get_transport(self):
+        if self._transport is None:
+            self._transport = _make_transport(self.url, self._token)
+        return self._transport
+
+    def _request_timeout(self):
+        if self._deadline is None:
+            return self.timeout
+        left = self._deadline - _mono()
+        return min(self.timeout, left) if left > 0.01 else None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Back off; False when that would pass the close deadline (the caller spills)."""
+        if self._closing:
+            if _mono() + seconds > self._deadline:
+                return False
+            self._pause.wait(seconds)
+            return True
+        self._stop_evt.wait(seconds)  # close() cuts the wait short
+        return True
+
+    def _send(self, pairs: list, attempts: int) -> list:
+        """POST events; return those not delivered (to spill or keep). Rejected ones are set aside."""
+        transport = self._get_transport()
+        attempt = 0
+        while pairs:
+            timeout = self._request_timeout()
+            if timeout is None:
+                return pairs
+            if len(pairs) == 1:
+                path, body = "/api/events", pairs[0][1]
+            else:
+                path, body = "/api/events/batch", '{"events":[%s]}' % ",".join(p[1] for p in pairs)
+            try:
+                status, headers, data = transport.request(
+                    "POST", path, body.encode("utf-8"), {"Content-Type": "application/json"}, timeout
+                )
+            except _NetworkError as exc:
+                status, headers, data, problem = None, {}, b"", str(exc)
+            else:
+                problem = "HTTP %d %s" % (status, _error_text(data))
+                self._last_activity = _mono()
+            if status is not None and 200 <= status < 300:
+                self._mark_up()
+                pairs = self._read_results(pairs, data)
+                if not pairs:
+                    return []
+                attempt += 1  # per-event "internal" errors: retry those few
+                if attempt >= attempts or not self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
+                    return pairs
+            elif status == 429:
+                if not self._sleep(_retry_after(headers, 1.0)):
+                    return pairs
+            elif status == 415:
+                self.spill.dead_letter([(p[1], status, _error_text(data)) for p in pairs])
+                return []
+            elif status in (400, 413, 422):
+                if len(pairs) == 1:
+                    self.spill.dead_letter([(pairs[0][1], status, _error_text(data))])
+                    return []
+                half = len(pairs) // 2  # isolate the bad events so that the good ones still go
+                return self._send(pairs[:half], attempts) + self._send(pairs[half:], attempts)
+            elif status in (401, 403, 404):
+                self._mark_refused(status, data)
+                return pairs
+            else:
+                attempt += 1
+                if attempt >= attempts:
+                    self._mark_down(problem)
+                    return pairs
+                if not self._sleep(_jitter(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))):
+                    return pairs
+        return []
+
+    def _read_results(self, pairs: list, data: bytes) -> list:
+        """Count what the server stored; return the events to retry (``internal`` errors)."""
+        if len(pairs) == 1:
+            self.delivered += 1
+            return []
+        try:
+            results = _loads(data.decode("utf-8")).get("results")
+        except (ValueError, AttributeError):
+            results = None
+        if not isinstance(results, list):
+            self.delivered += len(pairs)
+            return []
+        pending = dict(pairs)
+        rejected = []
+        retry = []
+        for result in results:
+            if not isinstance(result, dict):
+                continue
+            line = pending.pop(result.get("event_id"), None)
+            if line is None:
+                continue
+            if result.get("status") == "rejected":
+                error = str(result.get("error") or "rejected")
+                if error.lower().startswith("internal"):
+                    retry.append((result["event_id"], line))
+                else:
+                    rejected.append((line, "rejected", error))
+            else:
+                self.delivered += 1
+        self.spill.dead_letter(rejected)
+        return retry + list(pending.items())  # absent from the results: not known to be stored
+
+    def _mark_up(self) -> None:
+        if self._fails or self._auth_fails:
+            _log("warning", "argus: the server at %s answers again; re-sending saved events", self.url)
+        self._fails = self._auth_fails = 0
+        self._down_until = 0.0
+
+    def _mark_down(self, problem: str) -> None:
+        self._fails += 1
+        self._down_until = _mono() + min(RETRY_MAX_S, float(2 ** min(self._fails, 8)))
+        if self._replay_due is None:
+            self._replay_due = self._down_until
+        if self._fails == 1:
+            _log(
+                "warning",
+                "argus: the server at %s is not answering (%s); events are saved to %s and "
+                "re-sent as soon as it answers again",
+                self.url,
+                problem,
+                self.spill.directory,
+            )
+
+    def _mark_refused(self, status: int, data: bytes) -> None:
+        self._auth_fails += 1
+        self._down_until = _mono() + min(600.0, AUTH_PROBE_S * 2 ** (self._auth_fails - 1))
+        if self._replay_due is None:
+            self._replay_due = self._down_until
+        if status == 404:
+            cause = "%s/api/events answered 404: this URL is not an Argus server; check %s" % (
+                self.url,
+                ENV_URL,
+            )
+        elif status == 403:
+            cause = "the token may not write events (403 %s); use an SDK token (em_live_...)" % (
+                _error_text(data)
+            )
+        else:
+            cause = "the server refused the token (401 %s); set %s to a valid SDK token" % (
+                _error_text(data),
+                ENV_TOKEN,
+            )
+        _log_once(
+            "refused:%s:%d" % (self.url, status),
+            "error",
+            "argus: %s. Events are kept in %s; send them later with `python -m argus sync`.",
+            cause,
+            self.spill.directory,
+        )
+
+    def _replay_step(self) -> None:
+        """Re-send one chunk of the spill store (the oldest file first)."""
+        if self._claim is None:
+            self.spill.rotate()
+            self._claim = self.spill.claim_next()
+            if self._claim is None:
+                self._replay_due = None
+                return
+        claim = self._claim
+        pairs = claim.next_chunk()
+        if not pairs:
+            claim.done()
+            self._claim = None
+            return
+        unsent = self._send(pairs, 1)
+        if unsent:
+            claim.release([line for _, line in unsent])
+            self._claim = None
+            if self._up():  # answered, but some events need another try later
+                self._replay_due = _mono() + RETRY_MAX_S
+
+    def _control(self, control) -> None:
+        if type(control) is _Upload:
+            try:
+                control.result = self._upload(control)
+            except Exception as exc:
+                _log("error", "argus: upload of %s failed: %r", control.path, exc)
+        control.done.set()
+
+    def _upload(self, upload: _Upload):
+        path = upload.path
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            _log("warning", "argus: cannot upload %s: %s", path, exc)
+            return None
+        if size > ARTIFACT_MAX_BYTES:
+            _log(
+                "warning",
+                "argus: %s is %.1f MB, over the server's %d MB cap; not uploaded",
+                path,
+                size / 1048576.0,
+                ARTIFACT_MAX_BYTES // 1048576,
+            )
+            return None
+        if self._offline:
+            self.spill.record_upload(
+                {
+                    "path": os.path.abspath(path),
+                    "size": size,
+                    "route": upload.route,
+                    "label": upload.label,
+                    "meta": _jsonable(upload.meta),
+                    "recorded_at": _format_ts(_now()),
+                }
+            )
+            return None
+        if not self._up():
+            _log("warning", "argus: the server is unreachable; upload of %s skipped", path)
+            return None
+        fields = {}
+        if upload.label is not None:
+            fields["label"] = str(upload.label)
+        if upload.meta is not None:
+            fields["meta"] = _dumps(_jsonable(upload.meta))
+        for attempt in range(3):
+            timeout = self._request_timeout()
+            if timeout is None:
+                return None
+            body = _MultipartBody(path, fields)
+            headers = {"Content-Type": body.content_type, "Content-Length": str(len(body))}
+            try:
+                status, rheaders, data = self._get_transport().request(
+                    "POST", upload.route, body, headers, timeout
+                )
+            except _NetworkError as exc:
+                status, rheaders, data = None, {}, str(exc).encode()
+            if status is not None and 200 <= status < 300:
+                try:
+                    return _loads(data.decode("utf-8"))
+                except ValueError:
+                    return {}
+            if status == 429:
+                if not self._sleep(_retry_after(rheaders, 1.0)):
+                    return None
+                continue
+            if status is None or status >= 500:
+                if attempt < 2 and self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
+                    continue
+            if status == 404 and upload.batch_level:
+                _log_once(
+                    "no-batch-artifacts:%s" % self.url,
+                    "warning",
+                    "argus: this server has no batch artifacts (404 on %s); batch files are not uploaded",
+                    upload.route,
+                )
+            else:
+                _log(
+                    "warning",
+                    "argus: upload of %s failed: %s",
+                    path,
+                    "HTTP %d %s" % (status, _error_text(data)) if status else data.decode(),
+                )
+            return None
+        return None
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's queue, locks and thread; start fresh on use."""
+        claim = self._claim
+        if claim is not None:
+            claim._close()  # the parent keeps its claim; only this copy of the fd goes
+        self._reset_runtime()
+        self._replay_due = None  # the parent replays; the child only sends its own events
+        self.spill.after_fork()
+        self._slow = not self.enabled or self._closed
+
+
+def _check_job_id(job_id) -> None:
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError(
+            "job_id must be a non-empty string, e.g. r.job('etth1_dlinear'); got %r" % (job_id,)
+        )
+    if len(job_id) > 256:
+        raise ValueError("job_id is %d characters long; the server allows at most 256" % len(job_id))
+
+
+def _check_batch_id(batch_id) -> None:
+    if not isinstance(batch_id, str) or not batch_id:
+        raise TypeError("batch_id must be a non-empty string; got %r" % (batch_id,))
+    if len(batch_id) > 128:
+        raise ValueError("batch_id is %d characters long; the server allows at most 128" % len(batch_id))
+
+
+def _epoch_number(epoch):
+    if type(epoch) is int:
+        return epoch
+    value = _jsonable(epoch)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Module-level helpers: batch ids, emit, sub_env
+# ---------------------------------------------------------------------------------------
+
+_active = []  # entered Reporters of this process, innermost last
+_state_lock = threading.Lock()
+_explicit_batch_id = None
+_global_sender = None
+
+
+def new_batch_id(prefix: str = "batch") -> str:
+    """A fresh ``<prefix>-<12 hex>`` batch id."""
+    return "%s-%s" % (prefix, os.urandom(6).hex())
+
+
+def derive_batch_id(
+    project: str, experiment_name: str, git_sha: str | None = None, *, prefix: str = "bench"
+) -> str:
+    """A deterministic ``<prefix>-<16 hex>`` id: the same inputs give the same batch.
+
+    ``git_sha=None`` asks ``git rev-parse HEAD``; when git is missing or fails, and when
+    ``git_sha == ""``, the value ``"no-git"`` is used. Every Argus client uses this formula.
+    """
+    import hashlib
+
+    if git_sha is None:
+        git_sha = _git_commit(short=False) or "no-git"
+    elif git_sha == "":
+        git_sha = "no-git"
+    key = "%s|%s|%s" % (project, experiment_name, git_sha)
+    return "%s-%s" % (prefix, hashlib.sha256(key.encode("utf-8")).hexdigest()[:16])
+
+
+def set_batch_id(batch_id: str) -> None:
+    """Publish a batch id for ``emit()`` and for child processes (``ARGUS_BATCH_ID``)."""
+    global _explicit_batch_id
+    _check_batch_id(batch_id)
+    _explicit_batch_id = batch_id
+    os.environ[ENV_BATCH_ID] = batch_id
+
+
+def get_batch_id() -> str | None:
+    """The active Reporter's batch id, else the one set or inherited, else None."""
+    if _active:
+        return _active[-1].batch_id
+    return _explicit_batch_id or os.environ.get(ENV_BATCH_ID) or None
+
+
+def _sender_for_emit() -> ExperimentReporter:
+    global _global_sender
+    with _state_lock:
+        if _global_sender is None or _global_sender._closed:
+            project = os.environ.get("ARGUS_PROJECT", "").strip() or "default"
+            _global_sender = ExperimentReporter(None, project, queue_size=DEFAULT_QUEUE_SIZE)
+        return _global_sender
+
+
+def emit(event: str, **fields) -> None:
+    """Send one event: through the active Reporter, or else under ``get_batch_id()``."""
+    if _active:
+        return _active[-1].emit(event, **fields)
+    batch_id = get_batch_id()
+    if batch_id is None:
+        _log_once(
+            "emit-no-batch",
+            "warning",
+            "argus.emit(%r) outside a Reporter needs a batch id: call argus.set_batch_id(...) "
+            "or set %s; the event is not sent",
+            event,
+            ENV_BATCH_ID,
+        )
+        return None
+    return _sender_for_emit().emit(event, batch_id=batch_id, **fields)
+
+
+def sub_env(template: str, **extra) -> str:
+    """Replace ``${name}`` placeholders: argus values, environment variables, then ``extra``.
+
+    Known argus names: ``argus_batch_id``, ``argus_job_id``, ``argus_project``, ``argus_url``.
+    Keyword arguments win; unknown placeholders stay as written.
+    """
+    import re
+
+    values = dict(os.environ)
+    reporter = _active[-1] if _active else None
+    argus_values = {
+        "argus_batch_id": get_batch_id(),
+        "argus_job_id": (reporter._jobs[-1].job_id if reporter and reporter._jobs else None)
+        or os.environ.get("ARGUS_JOB_ID"),
+        "argus_project": (reporter.source_project if reporter else None)
+        or os.environ.get("ARGUS_PROJECT"),
+        "argus_url": (reporter._sender.url if reporter and reporter._sender else None)
+        or _resolve_url()[0],
+    }
+    values.update({k: v for k, v in argus_values.items() if v})
+    values.update({k: str(v) for k, v in extra.items()})
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+        lambda m: values.get(m.group(1), m.group(0)),
+        template,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Resource sampling
+# ---------------------------------------------------------------------------------------
+
+
+def _num(text):
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None  # "[N/A]", "[Not Supported]"
+    return int(value) if value.is_integer() else value
+
+
+class _ResourceSampler:
+    """System, process and GPU figures for ``resource_snapshot`` events.
+
+    On Linux it reads ``proc_root`` (``/proc``; tests give a folder of fixed files) and needs
+    no package; elsewhere it uses psutil when importable. GPUs come from pynvml when
+    importable, else from ``nvidia-smi`` (looked up once, each call bounded by ``smi_timeout``).
+    """
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        disk_path: str | None = None,
+        nvidia_smi: str | None = "auto",
+        clock=time.monotonic,
+        smi_timeout: float = 2.0,
+        use_pynvml: bool = True,
+    ):
+        import shutil
+
+        self.proc_root = proc_root
+        self.disk_path = disk_path or os.getcwd()
+        self._clock = clock
+        self._smi_timeout = smi_timeout
+        self._has_proc = os.path.exists(os.path.join(proc_root, "stat"))
+        self._psutil = None
+        if not self._has_proc:
+            try:
+                import psutil
+
+                self._psutil = psutil
+                psutil.cpu_percent(None)
+                self._ps_proc = psutil.Process()
+                self._ps_proc.cpu_percent(None)
+            except Exception:
+                self._psutil = None
+        self._nvml = None
+        if use_pynvml and nvidia_smi == "auto":
+            self._nvml = _init_nvml()
+        self._smi = shutil.which("nvidia-smi") if nvidia_smi == "auto" else nvidia_smi
+        self._gpu_failures = 0
+        try:
+            self._hz = os.sysconf("SC_CLK_TCK")
+        except (AttributeError, ValueError, OSError):
+            self._hz = 100
+        self._prev_cpu = self._read_cpu()
+        self._prev_proc = (self._read_proc_ticks(), clock())
+
+    def _read(self, *parts) -> str | None:
+        try:
+            with open(os.path.join(self.proc_root, *parts)) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _read_cpu(self):
+        text = self._read("stat")
+        if not text:
+            return None
+        fields = [int(x) for x in text.split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    def _read_proc_ticks(self):
+        text = self._read("self", "stat")
+        if not text:
+            return None
+        fields = text.rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    def sample(self) -> dict:
+        out = {}
+        if self._has_proc:
+            self._sample_proc(out)
+        elif self._psutil is not None:
+            self._sample_psutil(out)
+        try:
+            import shutil
+
+            usage = shutil.disk_usage(self.disk_path)
+            out["disk_free_mb"] = round(usage.free / 1048576.0, 1)
+            out["disk_total_mb"] = round(usage.total / 1048576.0, 1)
+        except OSError:
+            pass
+        self._sample_gpus(out)
+        return out
+
+    def _sample_proc(self, out: dict) -> None:
+        cpu = self._read_cpu()
+        if cpu and self._prev_cpu:
+            total, idle = cpu[0] - self._prev_cpu[0], cpu[1] - self._prev_cpu[1]
+            if total > 0:
+                out["cpu_util_pct"] = round(100.0 * (total - idle) / total, 1)
+        self._prev_cpu = cpu
+        meminfo = {}
+        for line in (self._read("meminfo") or "").splitlines():
+            key, _, rest = line.partition(":")
+            if rest.strip():
+                meminfo[key] = int(rest.split()[0])  # kB
+        if "MemTotal" in meminfo:
+            out["ram_total_mb"] = round(meminfo["MemTotal"] / 1024.0, 1)
+            if "MemAvailable" in meminfo:
+                out["ram_mb"] = round((meminfo["MemTotal"] - meminfo["MemAvailable"]) / 1024.0, 1)
+        ticks, now = self._read_proc_ticks(), self._clock()
+        prev_ticks, prev_now = self._prev_proc
+        if ticks is not None and prev_ticks is not None and now > prev_now:
+            out["proc_cpu_pct"] = round(100.0 * (ticks - prev_ticks) / self._hz / (now - prev_now), 1)
+        self._prev_proc = (ticks, now)
+        for line in (self._read("self", "status") or "").splitlines():
+            if line.startswith("VmRSS:"):
+                out["proc_ram_mb"] = round(int(line.split()[1]) / 1024.0, 1)
+
+    def _sample_psutil(self, out: dict) -> None:
+        ps = self._psutil
+        try:
+            out["cpu_util_pct"] = round(ps.cpu_percent(None), 1)
+            mem = ps.virtual_memory()
+            out["ram_total_mb"] = round(mem.total / 1048576.0, 1)
+            out["ram_mb"] = round((mem.total - mem.available) / 1048576.0, 1)
+            out["proc_cpu_pct"] = round(self._ps_proc.cpu_percent(None), 1)
+            out["proc_ram_mb"] = round(self._ps_proc.memory_info().rss / 1048576.0, 1)
+        except Exception as exc:
+            _log_once("psutil", "warning", "argus: psutil sampling failed: %r", exc)
+
+    def _sample_gpus(self, out: dict) -> None:
+        if self._nvml is None and not self._smi:
+            return
+        try:
+            gpus = self._nvml_gpus() if self._nvml is not None else self._smi_gpus()
+        except Exception as exc:
+            self._gpu_failures += 1
+            if self._gpu_failures >= 3:
+                _log("warning", "argus: GPU sampling failed 3 times (%r); it is turned off", exc)
+                self._nvml = self._smi = None
+            return
+        self._gpu_failures = 0
+        if not gpus:
+            return
+        out["gpus"] = gpus
+        first = _first_visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if first is not None:
+            for flat, key in (
+                ("gpu_util_pct", "util_pct"),
+                ("gpu_mem_mb", "mem_mb"),
+                ("gpu_mem_total_mb", "mem_total_mb"),
+                ("gpu_temp_c", "temp_c"),
+                ("proc_gpu_mem_mb", "proc_mem_mb"),
+            ):
+                if first.get(key) is not None:
+                    out[flat] = first[key]
+
+    def _run_smi(self, query: str) -> list:
+        import subprocess
+
+        result = subprocess.run(
+            [self._smi, query, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=self._smi_timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            raise OSError("nvidia-smi exited with %d" % result.returncode)
+        return [[p.strip() for p in line.split(",")] for line in result.stdout.splitlines() if line.strip()]
+
+    def _smi_gpus(self) -> list:
+        gpus = []
+        for row in self._run_smi(
+            "--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu"
+        ):
+            if len(row) < 7:
+                continue
+            gpus.append(
+                {
+                    "index": _num(row[0]),
+                    "uuid": row[1],
+                    "name": row[2],
+                    "util_pct": _num(row[3]),
+                    "mem_mb": _num(row[4]),
+                    "mem_total_mb": _num(row[5]),
+                    "temp_c": _num(row[6]),
+                    "proc_mem_mb": 0,
+                }
+            )
+        pid = str(os.getpid())
+        by_uuid = {g["uuid"]: g for g in gpus}
+        for row in self._run_smi("--query-compute-apps=pid,gpu_uuid,used_memory"):
+            if len(row) >= 3 and row[0] == pid and row[1] in by_uuid:
+                by_uuid[row[1]]["proc_mem_mb"] += _num(row[2]) or 0
+        return gpus
+
+    def _nvml_gpus(self) -> list:
+        nv = self._nvml
+        pid = os.getpid()
+        gpus = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            uuid = nv.nvmlDeviceGetUUID(h)
+            name = nv.nvmlDeviceGetName(h)
+            mine = 0
+            try:
+                for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
+                    if proc.pid == pid and proc.usedGpuMemory:
+                        mine += proc.usedGpuMemory // 1048576
+            except Exception:
+                pass
+            gpus.append(
+                {
+                    "index": i,
+                    "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "util_pct": nv.nvmlDeviceGetUtilizationRates(h).gpu,
+                    "mem_mb": mem.used // 1048576,
+                    "mem_total_mb": mem.total // 1048576,
+                    "temp_c": nv.nvmlDeviceGetTemperature(h, 0),  # 0: NVML_TEMPERATURE_GPU
+                    "proc_mem_mb": mine,
+                }
+            )
+        return gpus
+
+
+def _init_nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def _first_visible(gpus: list, visible: str | None):
+    """The device that CUDA calls 0: the first entry of CUDA_VISIBLE_DEVICES, by index or UUID."""
+    if visible is None:
+        return gpus[0]
+    for token in visible.split(","):
+        token = token.strip()
+        if not token or token.startswith("-"):
+            return None  # "" or "-1": no device is visible
+        for gpu in gpus:
+            if token.isdigit() and gpu["index"] == int(token):
+                return gpu
+            if not token.isdigit() and str(gpu["uuid"]).startswith(token):
+                return gpu
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Reporter and JobContext
+# ---------------------------------------------------------------------------------------
+
+
+def _interval(value, default: float, name: str):
+    if value is True:
+        return default
+    if value is False or value is None:
+        return None
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
+    raise ValueError("%s must be True, False or a number of seconds > 0; got %r" % (name, value))
+
+
+def _rank_elsewhere():
+    """The (variable, rank) of a DDP/SLURM rank other than 0, else None."""
+    for name in ("RANK", "SLURM_PROCID"):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            try:
+                return (name, int(raw)) if int(raw) != 0 else None
+            except ValueError:
+                return None
+    return None
+
+
+class Reporter:
+    """Context manager for one experiment batch.
+
+    ``__enter__`` emits ``batch_start`` and starts the heartbeat, stop-poll and
+    resource-snapshot daemon threads; ``__exit__`` emits ``batch_done`` (or ``batch_failed``
+    when the block raised), uploads ``auto_upload_dirs`` on a clean exit, stops the daemons
+    (at most 2 s each) and drains the queue (at most 3 s; the rest is spilled to disk).
+    """
+
+    def __init__(
+        self,
+        batch_prefix: str = "batch",
+        *,
+        experiment_type: str | None = None,
+        source_project: str | None = None,
+        command: str | None = None,
+        n_total: int | None = None,
+        heartbeat: bool | float = True,
+        stop_polling: bool | float = True,
+        resource_snapshot: bool | float = True,
+        monitor_url: str | None = None,
+        token: str | None = None,
+        auto_upload_dirs=None,
+        batch_id: str | None = None,
+        resume_from: str | None = None,
+        all_ranks: bool | None = None,
+    ):
+        if not isinstance(batch_prefix, str) or not batch_prefix:
+            raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
+        for name, value in (("batch_id", batch_id), ("resume_from", resume_from)):
+            if value is not None:
+                _check_batch_id(value)
+        if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
+            auto_upload_dirs = [auto_upload_dirs]
+        self._batch_id = batch_id or resume_from or new_batch_id(batch_prefix)
+        self.experiment_type = experiment_type
+        self.source_project = source_project or "default"
+        self.command = command
+        self.n_total = n_total
+        self._intervals = (
+            _interval(heartbeat, DEFAULT_HEARTBEAT_S, "heartbeat"),
+            _interval(stop_polling, DEFAULT_STOP_POLL_S, "stop_polling"),
+            _interval(resource_snapshot, DEFAULT_RESOURCE_S, "resource_snapshot"),
+        )
+        self._monitor_url = monitor_url
+        self._token = token
+        self._auto_upload_dirs = list(auto_upload_dirs or ())
+        self._all_ranks = all_ranks
+        self._sender = None
+        self._stopped = False
+        self._jobs = []
+        self._n_done = 0
+        self._n_failed = 0
+        self._threads = []
+        self._halt = threading.Event()
+        self._entered = False
+        self._finished = False
+        self._pid = None
+        self._t0 = 0.0
+        self._saved_env = None
+
+    @property
+    def batch_id(self) -> str:
+        return self._batch_id
+
+    @property
+    def stopped(self) -> bool:
+        """True once the Argus UI's Stop button was pressed for this batch."""
+        return self._stopped
+
+    def job(self, job_id: str, *, model: str | None = None, dataset: str | None = None) -> JobContext:
+        return JobContext(self, job_id, model=model, dataset=dataset)
+
+    def emit(self, event: str, **fields) -> None:
+        """Send one event of any type in this batch (escape hatch for unusual events)."""
+        if self._sender is not None:
+            self._sender.emit(event, batch_id=self._batch_id, **fields)
+        elif event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
+            raise ValueError("unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES)))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what was emitted so far is delivered or spilled."""
+        return self._sender.flush(timeout) if self._sender is not None else True
+
+    def __enter__(self) -> Reporter:
+        if self._entered:
+            raise RuntimeError("a Reporter can be entered once; create a new one for a new batch")
+        self._entered = True
+        self._pid = os.getpid()
+        self._t0 = _mono()
+        elsewhere = _rank_elsewhere()
+        all_ranks = _env_flag(ENV_ALL_RANKS) if self._all_ranks is None else self._all_ranks
+        if elsewhere and not all_ranks:
+            _log_once(
+                "rank",
+                "info",
+                "argus: this process is rank %d (%s); only rank 0 reports. Set %s=1 or "
+                "Reporter(all_ranks=True) to report from every rank.",
+                elsewhere[1],
+                elsewhere[0],
+                ENV_ALL_RANKS,
+            )
+        else:
+            sender = ExperimentReporter(
+                self._monitor_url,
+                self.source_project,
+                auth_token=self._token,
+                queue_size=int(_env_float(ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE)),
+                batch_id=self._batch_id,
+            )
+            if sender.enabled:
+                self._sender = sender
+                sender.batch_start(
+                    self.experiment_type,
+                    self.n_total,
+                    command=self.command if self.command is not None else _process_command(),
+                )
+        _active.append(self)
+        self._saved_env = os.environ.get(ENV_BATCH_ID)
+        os.environ[ENV_BATCH_ID] = self._batch_id
+        if self._sender is not None:
+            _install_sigterm()
+            self._start_daemons()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._finished or os.getpid() != self._pid:
+            return False  # a forked child leaving the block does not end the parent's batch
+        if exc_type is not None and issubclass(exc_type, GeneratorExit):
+            exc_type = exc = None
+        self._finish(exc_type, exc)
+        return False
+
+    def _finish(self, exc_type, exc, reason: str | None = None) -> None:
+        self._finished = True
+        self._halt.set()
+        for thread in self._threads:
+            thread.join(THREAD_JOIN_S)
+        sender = self._sender
+        if sender is not None:
+            elapsed = round(_mono() - self._t0, 3)
+            try:
+                if exc_type is None and reason is None:
+                    self._upload_dirs(sender)
+                    sender.batch_done(self._n_done, self._n_failed, total_elapsed_s=elapsed)
+                else:
+                    sender.batch_failed(reason or _reason(exc_type, exc), total_elapsed_s=elapsed)
+            finally:
+                sender.close(DRAIN_S)
+        if self in _active:
+            _active.remove(self)
+        if self._saved_env is None:
+            os.environ.pop(ENV_BATCH_ID, None)
+        else:
+            os.environ[ENV_BATCH_ID] = self._saved_env
+        _uninstall_sigterm()
+
+    def _terminate(self, reason: str) -> None:
+        """SIGTERM: fail the open jobs and the batch, then flush or spill within the bounds."""
+        if self._finished:
+            return
+        for job in reversed(list(self._jobs)):
+            job._end(None, None, reason)
+        self._finish(None, None, reason)
+
+    def _upload_dirs(self, sender: ExperimentReporter) -> None:
+        uploads = []
+        for directory in self._auto_upload_dirs:
+            for path in _artifact_files(directory, "**/*"):
+                route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
+                uploads.append(_Upload(route, path, None, None, True))
+        if uploads:
+            sender._uploads(uploads)
+
+    # -- daemon threads -------------------------------------------------------------------
+
+    def _start_daemons(self) -> None:
+        heartbeat, stop_poll, resources = self._intervals
+        if stop_poll and self._sender._offline:
+            _log_once("offline-stop", "info", "argus: offline mode: the Stop button is not polled")
+            stop_poll = None
+        for name, target, interval in (
+            ("argus-stop-poller", self._poll_stop, stop_poll),
+            ("argus-heartbeat", self._beat, heartbeat),
+            ("argus-resources", self._sample, resources),
+        ):
+            if interval:
+                thread = threading.Thread(target=target, args=(interval,), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _poll_stop(self, interval: float) -> None:
+        sender = self._sender
+        route = "/api/batches/%s/stop-requested" % _quote(self._batch_id)
+        transport = None
+        delay = interval
+        try:
+            while not self._halt.wait(delay):
+                delay = interval
+                try:
+                    transport = transport or _make_transport(sender.url, sender._token)
+                    status, headers, body = transport.request("GET", route, timeout=min(5.0, interval))
+                except _NetworkError:
+                    continue
+                if status == 200:
+                    try:
+                        answer = _loads(body.decode("utf-8"))
+                    except ValueError:
+                        continue
+                    if isinstance(answer, dict) and (
+                        answer.get("requested") is True or answer.get("stop_requested") is True
+                    ):
+                        self._stopped = True
+                        _log("warning", "argus: Stop was requested for batch %s", self._batch_id)
+                        return
+                elif status == 429:
+                    delay = max(interval, _retry_after(headers, interval))
+                elif status in (401, 403):
+                    _log(
+                        "error",
+                        "argus: the stop poller was refused (%d %s); the Stop button will not "
+                        "work for this run",
+                        status,
+                        _error_text(body),
+                    )
+                    return
+                # 404: the server has not stored the batch yet; anything else: try again
+        except Exception as exc:
+            _log("error", "argus: the stop poller stopped: %r", exc)
+        finally:
+            if transport is not None:
+                transport.close()
+
+    def _beat(self, interval: float) -> None:
+        sender = self._sender
+        try:
+            while True:
+                quiet = _mono() - sender._last_activity
+                if self._halt.wait(max(0.05, interval - quiet)):
+                    return
+                if _mono() - sender._last_activity >= interval:
+                    sender.resource_snapshot(heartbeat=True, elapsed_s=round(_mono() - self._t0, 1))
+                    sender._last_activity = _mono()
+        except Exception as exc:
+            _log("error", "argus: the heartbeat stopped: %r", exc)
+
+    def _sample(self, interval: float) -> None:
+        try:
+            sampler = _ResourceSampler()
+            while not self._halt.wait(interval):
+                fields = sampler.sample()
+                if fields:
+                    self._sender.resource_snapshot(**fields)
+        except Exception as exc:
+            _log("error", "argus: resource sampling stopped: %r", exc)
+
+    def _after_fork(self) -> None:
+        self._threads = []  # they do not exist in the child
+        self._halt = threading.Event()
+
+
+def _artifact_files(path, pattern: str) -> list:
+    from pathlib import Path
+
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.glob(pattern) if p.is_file())
+    else:
+        _log("warning", "argus: %s does not exist; nothing uploaded", root)
+        return []
+    kept = [str(p) for p in files if p.suffix.lower() in ARTIFACT_EXTENSIONS]
+    if len(kept) < len(files):
+        _log(
+            "info",
+            "argus: %d file(s) under %s skipped: only %s are uploaded",
+            len(files) - len(kept),
+            root,
+            "/".join(ARTIFACT_EXTENSIONS),
+        )
+    return kept
+
+
+class JobContext:
+    """Context manager for one job of a batch: ``job_start`` in, ``job_done``/``job_failed`` out."""
+
+    def __init__(self, parent: Reporter, job_id: str, *, model: str | None = None, dataset: str | None = None):
+        if not isinstance(parent, Reporter):
+            raise TypeError("JobContext needs a Reporter: use `with reporter.job(job_id) as job:`")
+        _check_job_id(job_id)
+        self._parent = parent
+        self._job_id = job_id
+        self._model = model
+        self._dataset = dataset
+        self._sender = None
+        self._metrics = {}
+        self._epochs = 0
+        self._entered = False
+        self._done = False
+        self._pid = None
+        self._t0 = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self._job_id
+
+    @property
+    def stopped(self) -> bool:
+        return self._parent._stopped
+
+    def __enter__(self) -> JobContext:
+        if self._entered:
+            raise RuntimeError("a JobContext can be entered once; call reporter.job(...) again")
+        self._entered = True
+        self._pid = os.getpid()
+        self._t0 = _mono()
+        self._sender = self._parent._sender
+        self._parent._jobs.append(self)
+        if self._sender is not None:
+            self._sender.job_start(self._job_id, model=self._model, dataset=self._dataset)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._done or os.getpid() != self._pid:
+            return False
+        if exc_type is not None and issubclass(exc_type, GeneratorExit):
+            exc_type = exc = None
+        self._end(exc_type, exc)
+        return False
+
+    def _end(self, exc_type, exc, reason: str | None = None) -> None:
+        self._done = True
+        parent = self._parent
+        if self in parent._jobs:
+            parent._jobs.remove(self)
+        elapsed = round(_mono() - self._t0, 3)
+        sender = self._sender
+        if exc_type is None and reason is None:
+            parent._n_done += 1
+            if sender is not None:
+                sender.job_done(
+                    self._job_id, metrics=self._metrics or None, elapsed_s=elapsed, train_epochs=self._epochs
+                )
+        else:
+            parent._n_failed += 1
+            if sender is not None:
+                sender.job_failed(self._job_id, reason=reason or _reason(exc_type, exc), elapsed_s=elapsed)
+
+    def _not_entered(self) -> None:
+        if not self._entered:
+            raise RuntimeError("use the job as a context manager: `with reporter.job(job_id) as job:`")
+
+    def epoch(
+        self, epoch: int, *, train_loss=None, val_loss=None, lr=None, batch_time_ms=None, **extra
+    ) -> None:
+        """Emit one ``job_epoch`` event (None values are left out)."""
+        sender = self._sender
+        if sender is None:
+            return self._not_entered()
+        self._epochs += 1
+        data = {"epoch": epoch if type(epoch) is int else _epoch_number(epoch)}
+        if train_loss is not None:
+            data["train_loss"] = train_loss
+        if val_loss is not None:
+            data["val_loss"] = val_loss
+        if lr is not None:
+            data["lr"] = lr
+        if batch_time_ms is not None:
+            data["batch_time_ms"] = batch_time_ms
+        if extra:
+            data.update({k: v for k, v in extra.items() if v is not None})
+        sender._submit("job_epoch", self._job_id, data)
+
+    def metrics(self, m: dict) -> None:
+        """Stash final metrics; they are sent with ``job_done``."""
+        if not isinstance(m, dict):
+            raise TypeError("metrics() takes a dict, e.g. job.metrics({'MSE': 0.44}); got %r" % (m,))
+        self._metrics.update(_jsonable(m))
+
+    def log(self, message, level: str = "INFO") -> None:
+        """Emit a ``log_line`` event (level in lower case; long lines are truncated)."""
+        sender = self._sender
+        if sender is None:
+            return self._not_entered()
+        sender.log_line(self._job_id, message, level=level)
+
+    def upload(self, path, *, glob: str = "**/*.png") -> int:
+        """Upload a file, or the files under a directory matching ``glob``.
+
+        Only .png/.jpg/.jpeg/.pdf/.svg files are sent. Returns how many were uploaded; uploads
+        leave after the events queued before them and are skipped while the server is
+        unreachable (or recorded for ``argus sync`` in offline mode).
+        """
+        sender = self._sender
+        if sender is None:
+            self._not_entered()
+            return 0
+        route = "/api/jobs/%s/artifacts" % _quote(self._job_id)
+        uploads = [_Upload(route, p, None, None, False) for p in _artifact_files(path, glob)]
+        if not uploads:
+            return 0
+        return sum(1 for result in sender._uploads(uploads) if result is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Process lifecycle: SIGTERM, fork, exit
+# ---------------------------------------------------------------------------------------
+
+_sigterm = {"previous": None, "pid": None}
+
+
+def _install_sigterm() -> None:
+    if not _env_flag(ENV_HANDLE_SIGTERM, True):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    import signal
+
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if current is _on_sigterm or current is signal.SIG_IGN or current is None:
+            return  # ours already, ignored on purpose, or set outside Python: leave it
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):
+        return
+    _sigterm["previous"] = current
+    _sigterm["pid"] = os.getpid()
+
+
+def _uninstall_sigterm() -> None:
+    if _active or _sigterm["pid"] != os.getpid():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    import signal
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, _sigterm["previous"])
+    except (ValueError, OSError, TypeError):
+        pass
+    _sigterm["pid"] = None
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    previous = _sigterm["previous"]
+    if os.getpid() == _sigterm["pid"]:
+        reason = "terminated by SIGTERM"
+        if os.environ.get("SLURM_JOB_ID"):
+            reason += " (SLURM job %s)" % os.environ["SLURM_JOB_ID"]
+        for reporter in reversed(list(_active)):
+            try:
+                reporter._terminate(reason)
+            except Exception as exc:
+                _log("error", "argus: could not record the SIGTERM: %r", exc)
+        for sender in list(_live):
+            sender.close(DRAIN_S)
+    try:
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    except (ValueError, OSError, TypeError):
+        pass
+    if callable(previous):
+        previous(signum, frame)  # the program's own handler decides what happens next
+    else:
+        os.kill(os.getpid(), signum)  # end exactly as without us: status 143 / -15
+
+
+def _after_fork_in_child() -> None:
+    global _state_lock
+    _state_lock = threading.Lock()
+    if _rng is not None:
+        _rng.seed()  # the child must not draw the parent's event ids
+    for sender in list(_live):
+        sender._after_fork()
+    for reporter in _active:
+        reporter._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    """Bounded flush of every open sender for code that never closed its Reporter."""
+    senders = list(_live)
+    for sender in senders:
+        try:
+            sender.close(DRAIN_S)
+        except Exception:
+            pass
+    stores = {}
+    for sender in senders:
+        store = sender.spill
+        if store.spilled or store.dropped:
+            stores[store.directory] = store
+    for store in stores.values():
+        waiting = store.backlog()["events"]
+        message = "argus: %d event(s) could not be delivered during this run and were saved to %s" % (
+            store.spilled,
+            store.directory,
+        )
+        if waiting:
+            message += "; %d wait there now: they are sent at the next start or by `python -m argus sync`" % waiting
+        if store.dropped:
+            message += "; %d could not be saved (spill cap or disk error)" % store.dropped
+        _log("warning", message)
+
+
+atexit.register(_at_exit)
+
+
+# ---------------------------------------------------------------------------------------
+# Local collector (`argus serve`, `argus demo`)
+# ---------------------------------------------------------------------------------------
+# A small Argus-compatible server for trying the SDK and for users' tests. It answers the
+# way the real server does (spec/PROTOCOL.md) and keeps its state in one SQLite database.
+# It is not an Argus replacement: no web UI, no rate limits, no read-only tokens.
+
+_COLLECTOR_MAX_FILE_BYTES = 50 * 1024 * 1024  # per artifact file, as on the real server
+_COLLECTOR_MAX_JOB_BYTES = 500 * 1024 * 1024  # artifact quota per job, as on the real server
+_COLLECTOR_MAX_JSON_BYTES = 16 * 1024 * 1024  # larger ingest bodies are answered 413
+_COLLECTOR_FORM_OVERHEAD = 64 * 1024  # room in an upload body for part headers, label, meta
+_COLLECTOR_MAX_BATCH = 500  # events per /api/events/batch request
+_COLLECTOR_IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
+
+_COLLECTOR_EVENT_TYPES = frozenset(EVENT_TYPES + _SERVER_EXTRA_TYPES)
+_COLLECTOR_REQUIRED_KEYS = ("event_id", "schema_version", "event_type", "timestamp",
+                            "batch_id", "source")
+_COLLECTOR_ENVELOPE_KEYS = frozenset(_COLLECTOR_REQUIRED_KEYS + ("job_id", "data"))
+_COLLECTOR_SOURCE_KEYS = frozenset(("project", "host", "user", "commit", "command"))
+_COLLECTOR_UUID = r"[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}"
+_COLLECTOR_TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)"
+
+# (method, path pattern, _Collector method). A private method takes the request and answers
+# (status, payload); a public one is a read helper whose ids start with a known batch id.
+# Patterns stay strings: `re` caches them on first use, so `import argus` compiles none.
+_COLLECTOR_ROUTES = (
+    ("POST", r"/api/events", "_post_event"),
+    ("POST", r"/api/events/batch", "_post_event_batch"),
+    ("GET", r"/api/stats", "stats"),
+    ("GET", r"/api/batches", "batches"),
+    ("GET", r"/api/batches/([^/]+)", "batch"),
+    ("GET", r"/api/batches/([^/]+)/jobs", "jobs"),
+    ("GET", r"/api/batches/([^/]+)/jobs/([^/]+)/epochs", "epochs"),
+    ("GET", r"/api/batches/([^/]+)/artifacts", "artifacts"),
+    ("POST", r"/api/batches/([^/]+)/artifacts", "_post_batch_artifact"),
+    ("GET", r"/api/batches/([^/]+)/stop-requested", "_get_stop"),
+    ("POST", r"/api/batches/([^/]+)/stop", "_post_stop"),
+    ("POST", r"/api/jobs/([^/]+)/artifacts", "_post_job_artifact"),
+)
+
+_COLLECTOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL,
+    batch_id TEXT NOT NULL, job_id TEXT, timestamp TEXT NOT NULL, raw TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY, status TEXT NOT NULL, experiment_type TEXT, n_total INTEGER,
+    project TEXT, command TEXT, started_at TEXT, ended_at TEXT, reason TEXT, env TEXT,
+    stop_requested_at TEXT, stop_requested_by TEXT);
+CREATE TABLE IF NOT EXISTS jobs (
+    batch_id TEXT NOT NULL, job_id TEXT NOT NULL, status TEXT NOT NULL, model TEXT,
+    dataset TEXT, metrics TEXT, elapsed_s REAL, train_epochs INTEGER, reason TEXT,
+    started_at TEXT, ended_at TEXT, start_event INTEGER, PRIMARY KEY (batch_id, job_id));
+CREATE TABLE IF NOT EXISTS epochs (
+    batch_id TEXT, job_id TEXT, epoch INTEGER, train_loss REAL, val_loss REAL, lr REAL,
+    data TEXT, timestamp TEXT);
+CREATE TABLE IF NOT EXISTS logs (
+    batch_id TEXT, job_id TEXT, level TEXT, line TEXT, timestamp TEXT);
+CREATE TABLE IF NOT EXISTS resources (batch_id TEXT, job_id TEXT, data TEXT, timestamp TEXT);
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY, batch_id TEXT NOT NULL, job_id TEXT, filename TEXT NOT NULL,
+    size INTEGER NOT NULL, label TEXT, meta TEXT, path TEXT NOT NULL);
+"""
+_COLLECTOR_JSON_COLUMNS = frozenset(("env", "metrics", "data", "meta"))
+_COLLECTOR_JOB_COLUMNS = ("batch_id, job_id, status, model, dataset, metrics, elapsed_s, "
+                          "train_epochs, reason, started_at, ended_at")
+
+
+class _CollectorError(Exception):
+    """An error answer: the HTTP status and the `detail` the real server would send."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _reject_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _collector_json(raw: bytes, what: str = "body") -> object:
+    """Parse strict JSON (RFC 8259) as the real server does, or answer 422."""
+    try:
+        value = _json_module().loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+        # "\ud800" parses, but SQLite cannot store a lone surrogate: refuse it here.
+        _json_module().dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError) as exc:
+        raise _CollectorError(422, f"{what} is not valid JSON: {exc}") from None
+    return value
+
+
+def _check_ingest_event(event: object) -> None:
+    """Raise the answer the real server gives to an event it refuses."""
+    if not isinstance(event, dict):
+        raise _CollectorError(422, "an event must be a JSON object")
+    missing = [key for key in _COLLECTOR_REQUIRED_KEYS if key not in event]
+    if missing:
+        raise _CollectorError(422, f"missing keys: {', '.join(missing)}")
+    extra = sorted(set(event) - _COLLECTOR_ENVELOPE_KEYS)
+    if extra:
+        raise _CollectorError(422, f"unknown keys: {', '.join(extra)}")
+    if event["schema_version"] != SCHEMA_VERSION:
+        raise _CollectorError(415, f"unsupported schema_version {event['schema_version']!r}; "
+                                   f"this server speaks {SCHEMA_VERSION!r}")
+    event_type, event_id = event["event_type"], event["event_id"]
+    if not isinstance(event_type, str) or event_type not in _COLLECTOR_EVENT_TYPES:
+        raise _CollectorError(422, f"unknown event_type {event_type!r}")
+    if not isinstance(event_id, str) or not _re_module().fullmatch(_COLLECTOR_UUID, event_id):
+        raise _CollectorError(422, "event_id must be a UUID")
+    timestamp = event["timestamp"]
+    if not isinstance(timestamp, str) or not _re_module().fullmatch(_COLLECTOR_TIMESTAMP, timestamp):
+        raise _CollectorError(422, "timestamp must be ISO 8601, e.g. 2026-04-23T09:23:06.123Z")
+    batch_id, job_id = event["batch_id"], event.get("job_id")
+    if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 128:
+        raise _CollectorError(422, "batch_id must be a string of 1 to 128 characters")
+    if job_id is not None and (not isinstance(job_id, str) or len(job_id) > 256):
+        raise _CollectorError(422, "job_id must be null or a string of at most 256 characters")
+    source = event["source"]
+    if not isinstance(source, dict) or "project" not in source:
+        raise _CollectorError(422, "source must be an object with a project")
+    bad = sorted(k for k, v in source.items()
+                 if k not in _COLLECTOR_SOURCE_KEYS or not isinstance(v, str))
+    if bad:
+        raise _CollectorError(422, f"source keys unknown or not strings: {', '.join(bad)}")
+    if not isinstance(event.get("data", {}), dict):
+        raise _CollectorError(422, "data must be a JSON object")
+    if event_type in _JOB_EVENT_TYPES and not job_id:
+        raise _CollectorError(400, f"{event_type} requires a job_id")
+
+
+def _sql_value(value: object) -> object:
+    """A value SQLite can bind: strings and 64-bit numbers as they are, the rest as JSON."""
+    if value is None or isinstance(value, (str, float)):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    return _json_module().dumps(value)
+
+
+def _safe_name(name: str, default: str) -> str:
+    """One harmless path segment: no separators, no leading dots, no odd characters."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return _re_module().sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:200] or default
+
+
+def _parse_multipart(body: bytes, content_type: str) -> dict:
+    """The parts of a multipart/form-data body: {name: (filename or None, content)}."""
+    boundary = _re_module().search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.lower().startswith("multipart/form-data") or not boundary:
+        raise _CollectorError(422, "expected a multipart/form-data body")
+    parts = {}
+    # A delimiter is CRLF "--" boundary; the first one may open the body without the CRLF.
+    chunks = (b"\r\n" + body).split(b"\r\n--" + boundary.group(1).encode("latin-1"))
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        head, blank_line, content = chunk.partition(b"\r\n\r\n")
+        name = _re_module().search(rb'\bname="([^"]*)"', head)
+        if not blank_line or not name:
+            raise _CollectorError(422, "malformed multipart part")
+        filename = _re_module().search(rb'\bfilename="([^"]*)"', head)
+        parts[name.group(1).decode("utf-8", "replace")] = (
+            filename.group(1).decode("utf-8", "replace") if filename else None, content)
+    return parts
+
+
+def _collector_route(method: str, path: str) -> tuple | _CollectorError:
+    """(method name, URL-decoded ids) for a request, or the 404/405 error to answer."""
+    from urllib.parse import unquote
+
+    path_known = False
+    for route_method, pattern, name in _COLLECTOR_ROUTES:
+        match = _re_module().fullmatch(pattern, path)
+        if match and route_method == method:
+            return name, [unquote(part) for part in match.groups()]
+        path_known = path_known or bool(match)
+    if path_known:
+        return _CollectorError(405, "Method Not Allowed")
+    return _CollectorError(404, "Not Found")
+
+
+def _collector_http_server(collector: _Collector, address: tuple):
+    """Build the threading HTTP server; http.server is imported only when one is needed."""
+    import socketserver
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, which the SDK's connection reuse expects
+        server_version = "argus-collector"
+        timeout = _COLLECTOR_IDLE_TIMEOUT_S
+        # Protocol-level errors (a garbled request line, PATCH…) answer JSON too. `explain`
+        # comes from http.server's fixed table, so it needs no JSON escaping.
+        error_message_format = '{"detail": "%(explain)s"}'
+        error_content_type = "application/json"
+
+        def setup(self) -> None:
+            super().setup()
+            with collector._lock:
+                collector._connections.add(self.connection)
+
+        def finish(self) -> None:
+            with collector._lock:
+                collector._connections.discard(self.connection)
+            super().finish()
+
+        def log_message(self, format: str, *args: object) -> None:
+            if collector.verbose:
+                super().log_message(format, *args)
+
+        def _dispatch(self) -> None:
+            path = self.path.split("?", 1)[0]
+            route = _collector_route(self.command, path)
+            limit = _COLLECTOR_MAX_JSON_BYTES
+            if path.endswith("/artifacts"):
+                limit = _COLLECTOR_MAX_FILE_BYTES + _COLLECTOR_FORM_OVERHEAD
+            try:
+                self.body = self._read_body(limit)  # first, so that keep-alive survives errors
+                if isinstance(route, _CollectorError):
+                    raise route
+                collector._authorize(self.headers.get("Authorization"))
+                if self.body is None:
+                    raise _CollectorError(413, "Request body too large")
+                name, ids = route
+                if name.startswith("_"):
+                    status, payload = getattr(collector, name)(self, *ids)
+                else:
+                    if ids:
+                        collector._known_batch(ids[0])
+                    status, payload = 200, getattr(collector, name)(*ids)
+            except _CollectorError as exc:
+                status, payload = exc.status, {"detail": exc.detail}
+            except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the server
+                status, payload = 500, {"detail": f"internal error: {exc!r}"}
+            body = _json_module().dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _read_body(self, limit: int) -> bytes | None:
+            """The body, or None when it is over `limit`: then it is read and dropped, so
+            the client gets the 413 instead of a connection reset while it is sending."""
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self.close_connection = True
+                raise _CollectorError(411, "Content-Length required")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                raise _CollectorError(400, "invalid Content-Length")
+            if length <= limit:
+                return self.rfile.read(length)
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 20))
+                if not chunk:
+                    break
+                length -= len(chunk)
+            return None
+
+        do_GET = do_POST = do_PUT = do_DELETE = _dispatch
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind looks up the host's FQDN, which hangs where DNS is broken.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            if collector.verbose:  # mostly clients that hung up
+                super().handle_error(request, client_address)
+
+    return Server(address, Handler)
+
+
+class _Collector:
+    """A local Argus-compatible server: the ingest, stop and artifact routes over SQLite.
+
+    `with _Collector() as collector:` serves on a free port from a background thread; give
+    `collector.url` to the SDK. `serve_forever()` serves in the foreground (`argus serve`).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, db: str = ":memory:",
+                 artifacts_dir: str | None = None, token: str | None = None,
+                 verbose: bool = False) -> None:
+        try:
+            import sqlite3
+        except ImportError:  # some cluster builds of Python lack it
+            raise RuntimeError("the local collector needs the sqlite3 module, which this "
+                               "Python was built without") from None
+
+        self.host, self.port = host, port
+        self.token = token
+        self.verbose = verbose
+        self._artifacts_dir = artifacts_dir
+        self._lock = threading.Lock()  # guards the connection below and _connections
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per request).
+        self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.executescript(_COLLECTOR_SCHEMA)
+        self._server = None
+        self._serve_thread = None
+        self._connections = set()  # open client sockets, shut by stop()
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def artifacts_dir(self) -> str:
+        """Where uploads are written; a new temporary folder unless one was given."""
+        with self._lock:
+            if self._artifacts_dir is None:
+                import tempfile
+
+                self._artifacts_dir = tempfile.mkdtemp(prefix="argus-artifacts-")
+            return self._artifacts_dir
+
+    def start(self) -> _Collector:
+        """Serve from a background daemon thread; returns self once the port is bound."""
+        server = self._bind()
+        self._serve_thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1},
+            name="argus-collector", daemon=True)
+        self._serve_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve from the calling thread until stop() or Ctrl-C."""
+        server = self._bind()
+        self._serve_thread = threading.current_thread()
+        try:
+            server.serve_forever(poll_interval=0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving and cut open connections; the database stays readable."""
+        import socket
+
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._serve_thread not in (None, threading.current_thread()):
+            server.shutdown()  # returns within one poll interval of serve_forever
+            self._serve_thread.join(timeout=5)
+        server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:  # keep-alive clients must notice the server is gone
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> _Collector:  # noqa: PYI034 - typing.Self is 3.11+
+        return self if self._server is not None else self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _bind(self):
+        if self._server is not None:
+            raise RuntimeError("the collector is already serving")
+        self._server = _collector_http_server(self, (self.host, self.port))
+        self.port = self._server.server_address[1]
+        return self._server
+
+    # -- State, for the demo and for tests ------------------------------------------------
+
+    def request_stop(self, batch_id: str, requested_by: str = "local") -> bool:
+        """Ask a batch to stop, as the web UI's Stop button does; False if it is unknown."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE batches SET stop_requested_at = COALESCE(stop_requested_at, ?),"
+                " stop_requested_by = COALESCE(stop_requested_by, ?) WHERE batch_id = ?",
+                (_format_ts(_now()), requested_by, batch_id))
+        return cursor.rowcount > 0
+
+    def batches(self) -> list:
+        return self._rows("SELECT * FROM batches ORDER BY started_at, batch_id")
+
+    def batch(self, batch_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM batches WHERE batch_id = ?", batch_id)
+        return rows[0] if rows else None
+
+    def jobs(self, batch_id: str) -> list:
+        return self._rows(f"SELECT {_COLLECTOR_JOB_COLUMNS} FROM jobs WHERE batch_id = ?"
+                          " ORDER BY rowid", batch_id)
+
+    def epochs(self, batch_id: str, job_id: str) -> list:
+        return self._rows("SELECT * FROM epochs WHERE batch_id = ? AND job_id = ?"
+                          " ORDER BY epoch, rowid", batch_id, job_id)
+
+    def artifacts(self, batch_id: str) -> list:
+        return self._rows("SELECT * FROM artifacts WHERE batch_id = ? ORDER BY id", batch_id)
+
+    def event_count(self) -> int:
+        return self.stats()["events"]
+
+    def stats(self) -> dict:
+        tables = ("events", "batches", "jobs", "epochs", "logs", "resources", "artifacts")
+        counts = self._rows("SELECT " + ", ".join(f"(SELECT COUNT(*) FROM {table}) AS {table}"
+                                                  for table in tables))[0]
+        counts["resource_snapshots"] = counts.pop("resources")
+        return counts
+
+    def _rows(self, sql: str, *params: object) -> list:
+        """The rows as plain dicts, with their JSON columns decoded."""
+        with self._lock:
+            rows = [dict(row) for row in self._db.execute(sql, params).fetchall()]
+        for row in rows:
+            for key in _COLLECTOR_JSON_COLUMNS.intersection(row):
+                if row[key] is not None:
+                    row[key] = _json_module().loads(row[key])
+        return rows
+
+    # -- Ingest ----------------------------------------------------------------------------
+
+    def _authorize(self, header: str | None) -> None:
+        import hmac
+
+        if self.token is None:
+            return
+        scheme, _, credential = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise _CollectorError(401, "Authentication required")
+        if not hmac.compare_digest(credential.strip().encode(), self.token.encode()):
+            raise _CollectorError(401, "Invalid or expired API token")
+
+    def _post_event(self, request) -> tuple:
+        event = _collector_json(request.body)
+        _check_ingest_event(event)
+        db_id, outcome = self._store_all([event])[0]
+        if db_id is None:
+            raise _CollectorError(500, outcome)
+        return 200, {"accepted": True, "event_id": db_id, "deduplicated": outcome}
+
+    def _post_event_batch(self, request) -> tuple:
+        body = _collector_json(request.body)
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not 1 <= len(events) <= _COLLECTOR_MAX_BATCH:
+            raise _CollectorError(422, f"events must be a list of 1 to {_COLLECTOR_MAX_BATCH}")
+        for event in events:  # one bad event refuses the whole request, as upstream
+            _check_ingest_event(event)
+        results = []
+        for event, (db_id, outcome) in zip(events, self._store_all(events)):
+            status = "rejected" if db_id is None else "deduplicated" if outcome else "accepted"
+            results.append({"event_id": event["event_id"], "status": status, "db_id": db_id,
+                            "error": outcome if db_id is None else None})
+        rejected = sum(result["status"] == "rejected" for result in results)
+        return 200, {"accepted": len(results) - rejected, "rejected": rejected,
+                     "results": results}
+
+    def _store_all(self, events: list) -> list:
+        """Store valid events in one transaction: [(db id, deduplicated) or (None, error)].
+
+        A failing event is rolled back alone; its error starts with "internal", which tells
+        the SDK to retry it later."""
+        outcomes = []
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for event in events:
+                    self._db.execute("SAVEPOINT event")
+                    try:
+                        outcomes.append(self._store(event))
+                    except Exception as exc:  # noqa: BLE001 - any fault here is the server's
+                        self._db.execute("ROLLBACK TO event")
+                        outcomes.append((None, f"internal error: {exc!r}"))
+                    self._db.execute("RELEASE event")
+            finally:
+                self._db.execute("COMMIT")
+        return outcomes
+
+    def _store(self, event: dict) -> tuple:
+        db = self._db
+        known = db.execute("SELECT id FROM events WHERE event_id = ?",
+                           (event["event_id"],)).fetchone()
+        if known:  # the payload of a repeated event_id is thrown away, as upstream
+            return known[0], True
+        kind, batch_id, job_id = event["event_type"], event["batch_id"], event.get("job_id")
+        timestamp, data = event["timestamp"], event.get("data") or {}
+        db_id = db.execute(
+            "INSERT INTO events (event_id, event_type, batch_id, job_id, timestamp, raw)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (event["event_id"], kind, batch_id, job_id, timestamp, _json_module().dumps(event))).lastrowid
+        # Any event makes its batch (and job) known, whatever order the events arrive in.
+        db.execute("INSERT OR IGNORE INTO batches (batch_id, status, started_at)"
+                   " VALUES (?, 'RUNNING', ?)", (batch_id, timestamp))
+        if job_id:
+            db.execute("INSERT OR IGNORE INTO jobs (batch_id, job_id, status)"
+                       " VALUES (?, ?, 'RUNNING')", (batch_id, job_id))
+        keys = (batch_id, job_id)
+        if kind == "batch_start":
+            # A second batch_start is a resume: fresh metadata, the first start time, and
+            # a finished batch stays finished (its status is left alone).
+            db.execute(
+                "UPDATE batches SET experiment_type = ?, n_total = ?, project = ?, command = ?,"
+                " started_at = MIN(started_at, ?) WHERE batch_id = ?",
+                (_sql_value(data.get("experiment_type")), _sql_value(data.get("n_total_jobs")),
+                 event["source"]["project"], _sql_value(data.get("command")), timestamp,
+                 batch_id))
+        elif kind in ("batch_done", "batch_failed"):
+            status = "DONE" if kind == "batch_done" else "FAILED"
+            db.execute("UPDATE batches SET status = ?, ended_at = ?, reason = ? WHERE batch_id = ?",
+                       (status, timestamp, _sql_value(data.get("reason")), batch_id))
+        elif kind == "env_snapshot":  # the first one wins, as upstream
+            db.execute("UPDATE batches SET env = ? WHERE batch_id = ? AND env IS NULL",
+                       (_json_module().dumps(data), batch_id))
+        elif kind == "job_start":  # a job started again (a resumed batch) is running again
+            db.execute(
+                "UPDATE jobs SET status = 'RUNNING', model = ?, dataset = ?, started_at = ?,"
+                " ended_at = NULL, reason = NULL, start_event = ?"
+                " WHERE batch_id = ? AND job_id = ?",
+                (_sql_value(data.get("model")), _sql_value(data.get("dataset")), timestamp,
+                 db_id) + keys)
+        elif kind in ("job_done", "job_failed"):
+            metrics = _json_module().dumps(data["metrics"]) if "metrics" in data else None
+            db.execute(
+                "UPDATE jobs SET status = ?, metrics = ?, elapsed_s = ?, train_epochs = ?,"
+                " reason = ?, ended_at = ? WHERE batch_id = ? AND job_id = ?",
+                ("DONE" if kind == "job_done" else "FAILED", metrics,
+                 _sql_value(data.get("elapsed_s")), _sql_value(data.get("train_epochs")),
+                 _sql_value(data.get("reason")), timestamp) + keys)
+        elif kind == "job_epoch":
+            db.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", keys + tuple(
+                _sql_value(data.get(key)) for key in ("epoch", "train_loss", "val_loss", "lr")
+            ) + (_json_module().dumps(data), timestamp))
+        elif kind == "log_line":
+            db.execute("INSERT INTO logs VALUES (?, ?, ?, ?, ?)", keys + (
+                _sql_value(data.get("level")), _sql_value(data.get("line")), timestamp))
+        elif kind == "resource_snapshot":
+            db.execute("INSERT INTO resources VALUES (?, ?, ?, ?)",
+                       keys + (_json_module().dumps(data), timestamp))
+        return db_id, False
+
+    # -- Stop requests and artifacts --------------------------------------------------------
+
+    def _known_batch(self, batch_id: str) -> dict:
+        batch = self.batch(batch_id)
+        if batch is None:
+            raise _CollectorError(404, "batch not found")
+        return batch
+
+    def _get_stop(self, request, batch_id: str) -> tuple:
+        batch = self._known_batch(batch_id)
+        return 200, {"requested": batch["stop_requested_at"] is not None,
+                     "requested_at": batch["stop_requested_at"],
+                     "requested_by": batch["stop_requested_by"]}
+
+    def _post_stop(self, request, batch_id: str) -> tuple:
+        if not self.request_stop(batch_id, requested_by="api"):
+            raise _CollectorError(404, "batch not found")
+        return self._get_stop(request, batch_id)
+
+    def _post_job_artifact(self, request, job_id: str) -> tuple:
+        # Job ids are unique only within a batch and this route names no batch: the upload
+        # belongs to the job with that id that started last.
+        with self._lock:
+            row = self._db.execute(
+                "SELECT batch_id FROM jobs WHERE job_id = ? AND start_event IS NOT NULL"
+                " ORDER BY start_event DESC LIMIT 1", (job_id,)).fetchone()
+        if row is None:
+            raise _CollectorError(404, "job not found")
+        return self._save_artifact(request, row[0], job_id)
+
+    def _post_batch_artifact(self, request, batch_id: str) -> tuple:
+        self._known_batch(batch_id)
+        return self._save_artifact(request, batch_id, None)
+
+    def _save_artifact(self, request, batch_id: str, job_id: str | None) -> tuple:
+        parts = _parse_multipart(request.body, request.headers.get("Content-Type", ""))
+        filename, content = parts.get("file", (None, b""))
+        if filename is None:
+            raise _CollectorError(422, "a 'file' part with a filename is required")
+        if len(content) > _COLLECTOR_MAX_FILE_BYTES:
+            raise _CollectorError(413, f"file is over {_COLLECTOR_MAX_FILE_BYTES} bytes")
+        label = parts["label"][1].decode("utf-8", "replace") if "label" in parts else None
+        meta = _collector_json(parts["meta"][1], "meta") if "meta" in parts else {}
+        if not isinstance(meta, dict):
+            raise _CollectorError(422, "meta must be a JSON object")
+        if job_id is not None:
+            with self._lock:
+                used = self._db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE batch_id = ?"
+                    " AND job_id = ?", (batch_id, job_id)).fetchone()[0]
+            if used + len(content) > _COLLECTOR_MAX_JOB_BYTES:
+                raise _CollectorError(413, f"job quota of {_COLLECTOR_MAX_JOB_BYTES} bytes used up")
+        filename = _safe_name(filename, "file")
+        folder = os.path.join(self.artifacts_dir, _safe_name(batch_id, "_"),
+                              _safe_name(job_id, "_") if job_id else "_batch")
+        path = _write_new_file(folder, filename, content)
+        with self._lock:
+            artifact_id = self._db.execute(
+                "INSERT INTO artifacts (batch_id, job_id, filename, size, label, meta, path)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (batch_id, job_id, filename, len(content), label, _json_module().dumps(meta), path),
+            ).lastrowid
+        return 201, {"id": artifact_id, "batch_id": batch_id, "job_id": job_id,
+                     "filename": filename, "size": len(content), "label": label, "meta": meta,
+                     "path": path}
+
+
+def _write_new_file(folder: str, filename: str, content: bytes) -> str:
+    """Write `content` into `folder` under `filename`, or `name-1.ext`… if that is taken."""
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(filename)
+    candidate, n = filename, 0
+    while True:
+        path = os.path.join(folder, candidate)
+        try:
+            with open(path, "xb") as file:  # "x": never overwrite an earlier upload
+                file.write(content)
+            return path
+        except FileExistsError:
+            n += 1
+            candidate = f"{stem}-{n}{ext}"
+
+
+def _json_module():
+    import json
+
+    return json
+
+
+def _re_module():
+    import re
+
+    return re
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line interface
+# ---------------------------------------------------------------------------------------
+
+
+def _cli_sender(url: str | None, token: str | None, directory: str | None = None):
+    """A synchronous sender for the CLI (no worker thread), or None with a message."""
+    sender = ExperimentReporter(url, "argus-cli", auth_token=token, spill_path=directory, _worker=False)
+    if not sender.enabled:
+        print("argus: no server URL: pass --url or set %s" % ENV_URL, file=sys.stderr)
+        return None
+    return sender
+
+
+def _sync_pass(sender: ExperimentReporter, progress: bool) -> dict:
+    """Send every claimable spill file once; return counts."""
+    store = sender.spill
+    sent = failed = 0
+    t0 = _mono()
+    skip = set()
+    while True:
+        claim = store.claim_next(skip)
+        if claim is None:
+            break
+        skip.add(claim.path)
+        while True:
+            pairs = claim.next_chunk()
+            if not pairs:
+                claim.done()
+                break
+            before = sender.delivered
+            unsent = sender._send(pairs, RETRY_ATTEMPTS)
+            sent += sender.delivered - before
+            if progress:
+                rate = sent / max(1e-6, _mono() - t0)
+                left = len(claim.lines) - claim.pos + len(unsent)
+                sys.stderr.write("\rargus sync: %d sent (%.0f/s), %d left in this file " % (sent, rate, left))
+                sys.stderr.flush()
+            if unsent:
+                failed += len(unsent)
+                claim.release([line for _, line in unsent])
+                break
+        if failed:
+            break  # the server stopped answering: leave the rest for the next pass
+    uploads_sent, uploads_left = _sync_uploads(sender) if not failed else (0, 0)
+    if progress:
+        sys.stderr.write("\n")
+    return {"sent": sent, "unsent": failed, "uploads": uploads_sent, "uploads_left": uploads_left}
+
+
+def _sync_uploads(sender: ExperimentReporter) -> tuple:
+    """Send the uploads recorded in offline mode whose files still exist."""
+    store = sender.spill
+    path = os.path.join(store.directory, _PENDING_UPLOADS)
+    claimed = path + ".sync-%d" % os.getpid()
+    try:
+        os.rename(path, claimed)  # writers append to a fresh file meanwhile
+    except OSError:
+        return 0, 0
+    sent, keep = 0, []
+    with open(claimed, encoding="utf-8") as f:
+        entries = [line for line in f if line.strip()]
+    for line in entries:
+        try:
+            entry = _loads(line)
+            upload = _Upload(entry["route"], entry["path"], entry.get("label"), entry.get("meta"),
+                             "/api/batches/" in entry["route"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not os.path.exists(upload.path):
+            print("argus sync: %s no longer exists; upload dropped" % upload.path, file=sys.stderr)
+            continue
+        if sender._upload(upload) is not None:
+            sent += 1
+        else:
+            keep.append(entry)
+    if keep:
+        store.record_upload_many(keep)
+    os.unlink(claimed)
+    return sent, len(keep)
+
+
+def _cmd_sync(args) -> int:
+    sender = _cli_sender(args.url, args.token, args.dir)
+    if sender is None:
+        return 2
+    store = sender.spill
+    if args.dry_run:
+        backlog = store.backlog()
+        print(
+            "argus sync --dry-run: %d event(s) in %d file(s) (%d bytes), %d pending upload(s) in %s"
+            % (backlog["events"], backlog["files"], backlog["bytes"], backlog["pending_uploads"], store.directory)
+        )
+        return 0
+    progress = sys.stderr.isatty()
+    total = {"sent": 0, "unsent": 0, "uploads": 0, "uploads_left": 0}
+    delay = args.watch
+    try:
+        while True:
+            result = _sync_pass(sender, progress)
+            for key in total:
+                total[key] = total[key] + result[key] if key in ("sent", "uploads") else result[key]
+            if not args.watch:
+                break
+            delay = args.watch if not result["unsent"] else min(delay * 2, args.watch * 16)
+            time.sleep(delay)
+    except KeyboardInterrupt:
+        pass
+    backlog = store.backlog()
+    print(
+        "argus sync: %d event(s) sent, %d upload(s) sent; %d event(s) left in %s, %d rejected (in %s)"
+        % (
+            total["sent"],
+            total["uploads"],
+            backlog["events"],
+            store.directory,
+            store.rejected,
+            _DEAD_LETTER,
+        )
+    )
+    return 0 if backlog["events"] == 0 and not total["uploads_left"] else 1
+
+
+def _redact(token: str | None) -> str | None:
+    if not token:
+        return None
+    return token[:8] + "…" + token[-2:] if len(token) > 14 else "…" * 3
+
+
+def _cmd_status(args) -> int:
+    url, url_source = _resolve_url(args.url)
+    token, token_source = _resolve_token(args.token)
+    offline = _offline_mode()
+    store = SpillStore(args.dir)
+    report = {
+        "version": __version__,
+        "url": url,
+        "url_source": url_source or "not configured",
+        "token": _redact(token),
+        "token_source": token_source or "not configured",
+        "transport": _transport_name(),
+        "transport_source": "environment (%s)" % ENV_TRANSPORT if os.environ.get(ENV_TRANSPORT) else "default",
+        "spill_dir": store.directory,
+        "spill_dir_source": "argument" if args.dir else (
+            "environment (%s)" % ENV_SPILL_DIR if os.environ.get(ENV_SPILL_DIR) else "default"
+        ),
+        "offline": offline,
+        "disabled": _env_flag(ENV_DISABLE),
+        "backlog": store.backlog(),
+        "server": None,
+    }
+    if url and not offline:
+        report["server"] = _probe_server(url, token)
+    if args.json:
+        print(_dumps(report))
+    else:
+        rows = [
+            ("version", __version__, ""),
+            ("url", url or "-", report["url_source"]),
+            ("token", report["token"] or "-", report["token_source"]),
+            ("transport", report["transport"], report["transport_source"]),
+            ("spill dir", store.directory, report["spill_dir_source"]),
+            ("offline", "yes" if offline else "no", "%s / %s" % (ENV_OFFLINE, ENV_MODE)),
+            ("disabled", "yes" if report["disabled"] else "no", ENV_DISABLE),
+        ]
+        b = report["backlog"]
+        rows.append(
+            ("backlog", "%d event(s) in %d file(s), %d bytes" % (b["events"], b["files"], b["bytes"]),
+             "oldest %s" % (b["oldest"] or "-"))
+        )
+        rows.append(("dead letter", "%d event(s)" % b["dead_letter"], _DEAD_LETTER))
+        rows.append(("pending uploads", str(b["pending_uploads"]), _PENDING_UPLOADS))
+        if report["server"]:
+            rows.append(("server", report["server"]["answer"], report["server"]["detail"]))
+        width = max(len(r[0]) for r in rows)
+        for name, value, source in rows:
+            print("%-*s  %s%s" % (width, name, value, "   (%s)" % source if source else ""))
+    server = report["server"]
+    return 0 if server is None or server["answer"] == "ok" else 1
+
+
+def _probe_server(url: str, token: str | None) -> dict:
+    """POST an empty batch: a 422 proves an Argus server that accepts the token."""
+    try:
+        status, _h, body = _make_transport(url, token).request(
+            "POST", "/api/events/batch", b'{"events":[]}', {"Content-Type": "application/json"}, 5.0
+        )
+    except _NetworkError as exc:
+        return {"answer": "unreachable", "detail": str(exc)}
+    if status in (200, 422):
+        return {"answer": "ok", "detail": "answers; token accepted" if token else "answers (no token)"}
+    if status in (401, 403):
+        return {"answer": "token refused", "detail": "%d %s" % (status, _error_text(body))}
+    return {"answer": "unexpected answer", "detail": "%d %s" % (status, _error_text(body))}
+
+
+def _parse_value(text: str):
+    try:
+        return _loads(text)
+    except ValueError:
+        return text
+
+
+def _cmd_emit(args) -> int:
+    if args.event_type not in EVENT_TYPES and args.event_type not in _SERVER_EXTRA_TYPES:
+        print("argus emit: unknown event type %r; use one of %s" % (args.event_type, ", ".join(EVENT_TYPES)),
+              file=sys.stderr)
+        return 2
+    if args.event_type in _JOB_EVENT_TYPES and not args.job_id:
+        print("argus emit: %s needs --job-id" % args.event_type, file=sys.stderr)
+        return 2
+    data = {}
+    for item in args.fields:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print("argus emit: expected key=value, got %r" % item, file=sys.stderr)
+            return 2
+        data[key] = _parse_value(value)
+    url, _ = _resolve_url(args.url)
+    sender = ExperimentReporter(
+        url, args.project, auth_token=args.token, batch_id=args.batch_id, _worker=False
+    )
+    record = (args.event_type, args.batch_id, args.job_id, _now(), _jsonable(data), 0)
+    pair = sender._encode(record)
+    if not sender.enabled or _offline_mode():
+        sender.spill.append([pair[1]])
+        sender.spill.close()
+        print("argus emit: no server (offline or no URL); event saved to %s" % sender.spill.directory,
+              file=sys.stderr)
+        return 1
+    unsent = sender._send([pair], RETRY_ATTEMPTS if args.retry else 1)
+    if unsent:
+        sender.spill.append([line for _, line in unsent])
+        sender.spill.close()
+        print("argus emit: not delivered; saved to %s for `argus sync`" % sender.spill.directory,
+              file=sys.stderr)
+        return 1
+    if sender.spill.rejected:
+        print("argus emit: the server rejected the event (see %s)" % _DEAD_LETTER, file=sys.stderr)
+        return 1
+    print(pair[0])
+    return 0
+
+
+def _cmd_batch_id(args) -> int:
+    if args.new:
+        print(new_batch_id(args.prefix or "batch"))
+        return 0
+    if not args.project or not args.experiment:
+        print("argus batch-id: give --project and --experiment, or --new", file=sys.stderr)
+        return 2
+    print(derive_batch_id(args.project, args.experiment, args.git_sha, prefix=args.prefix or "bench"))
+    return 0
+
+
+def _cmd_stop(args) -> int:
+    url, _ = _resolve_url(args.url)
+    if not url:
+        print("argus stop: no server URL: pass --url or set %s" % ENV_URL, file=sys.stderr)
+        return 2
+    token, _ = _resolve_token(args.token)
+    try:
+        status, _h, body = _make_transport(url, token).request(
+            "POST", "/api/batches/%s/stop" % _quote(args.batch_id), b"{}",
+            {"Content-Type": "application/json"}, 10.0,
+        )
+    except _NetworkError as exc:
+        print("argus stop: %s" % exc, file=sys.stderr)
+        return 1
+    if 200 <= status < 300:
+        print("stop requested for %s" % args.batch_id)
+        return 0
+    print("argus stop: %d %s" % (status, _error_text(body)), file=sys.stderr)
+    return 1
+
+
+def _cmd_serve(args) -> int:
+    collector = _Collector(args.host, args.port, db=args.db, artifacts_dir=args.artifacts, token=args.token)
+    print("argus collector listening on %s (database %s); Ctrl-C stops it" % (collector.url, args.db),
+          flush=True)
+    try:
+        collector.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+    return 0
+
+
+def _tiny_png(path: str, width: int = 64, height: int = 32) -> None:
+    """Write a small gradient PNG with the standard library (the demo's artifact)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 4 % 256, y * 8 % 256, 160)) for x in range(width))
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _print_table(title: str, header: tuple, rows: list) -> None:
+    cells = [tuple("-" if c is None else str(c) for c in row) for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    print("\n" + title)
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def _cmd_demo(args) -> int:
+    import math
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="argus-demo-")
+    saved = {k: os.environ.get(k) for k in (ENV_SPILL_DIR, ENV_DISABLE, ENV_OFFLINE, ENV_MODE, "RANK", "SLURM_PROCID")}
+    os.environ[ENV_SPILL_DIR] = os.path.join(workdir, "spill")  # never touch the user's store
+    for name in (ENV_DISABLE, ENV_OFFLINE, ENV_MODE, "RANK", "SLURM_PROCID"):
+        os.environ.pop(name, None)
+    plots = os.path.join(workdir, "plots")
+    os.makedirs(plots)
+    print("argus-reporter %s demo: a local collector, two simulated jobs, one Stop request" % __version__)
+    try:
+        with _Collector(artifacts_dir=os.path.join(workdir, "artifacts")) as collector:
+            with Reporter(
+                "demo",
+                source_project="argus-demo",
+                experiment_type="demo",
+                n_total=2,
+                monitor_url=collector.url,
+                heartbeat=False,
+                stop_polling=0.2,
+                resource_snapshot=False,
+                auto_upload_dirs=[plots],
+            ) as r:
+                with r.job("demo-linear", model="linear", dataset="synthetic") as job:
+                    for epoch in range(5):
+                        loss = 1.0 / (epoch + 1)
+                        job.epoch(epoch, train_loss=round(loss, 4), val_loss=round(loss * 1.1, 4), lr=1e-3)
+                    job.log("finished 5 epochs")
+                    png = os.path.join(plots, "loss.png")
+                    _tiny_png(png)
+                    job.upload(png)
+                    job.metrics({"MSE": 0.2, "R2": 0.91})
+                with r.job("demo-mlp", model="mlp", dataset="synthetic") as job:
+                    for epoch in range(50):
+                        if job.stopped:
+                            job.log("Stop requested: ending at epoch %d" % epoch, level="WARNING")
+                            break
+                        job.epoch(epoch, train_loss=round(math.exp(-epoch / 4), 4), lr=1e-3)
+                        if epoch == 2:
+                            r.flush(5.0)
+                            collector.request_stop(r.batch_id, requested_by="demo")
+                        time.sleep(0.1)
+            batch = collector.batch(r.batch_id) or {}
+            _print_table(
+                "batch",
+                ("batch_id", "status", "experiment_type", "n_total"),
+                [(r.batch_id, batch.get("status"), batch.get("experiment_type"), batch.get("n_total"))],
+            )
+            rows = []
+            for j in collector.jobs(r.batch_id):
+                epochs = collector.epochs(r.batch_id, j["job_id"])
+                last = epochs[-1] if epochs else {}
+                rows.append(
+                    (j["job_id"], j["status"], len(epochs), last.get("train_loss"), last.get("val_loss"),
+                     _dumps(j["metrics"]) if j.get("metrics") else None)
+                )
+            _print_table("jobs", ("job_id", "status", "epochs", "last train_loss", "last val_loss", "metrics"), rows)
+            _print_table(
+                "artifacts",
+                ("job_id", "filename", "bytes"),
+                [(a["job_id"] or "(batch)", a["filename"], a["size"]) for a in collector.artifacts(r.batch_id)],
+            )
+            sender = r._sender
+            print(
+                "\nevents delivered: %d (stored by the collector: %d); spilled: %d; stop honoured: %s"
+                % (sender.delivered if sender else 0, collector.event_count(),
+                   sender.spill.spilled if sender else 0, "yes" if r.stopped else "no")
+            )
+            print("files: %s" % workdir)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return 0 if r.stopped and sender is not None and sender.spill.spilled == 0 else 1
+
+
+def _build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="argus", description="argus-reporter %s: the Argus SDK's command line" % __version__
+    )
+    parser.add_argument("--version", action="version", version="argus-reporter %s" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("sync", help="send spilled events (and offline uploads) to the server")
+    p.add_argument("--dir", help="spill directory (default: $%s or ~/.argus-reporter)" % ENV_SPILL_DIR)
+    p.add_argument("--url", help="server URL (default: $%s)" % ENV_URL)
+    p.add_argument("--token", help="SDK token (default: $%s)" % ENV_TOKEN)
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="keep syncing every SECONDS")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be sent")
+    p.set_defaults(func=_cmd_sync)
+
+    p = sub.add_parser("status", help="resolved configuration, spill backlog, server check")
+    p.add_argument("--dir", help="spill directory")
+    p.add_argument("--url", help="server URL")
+    p.add_argument("--token", help="SDK token")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("emit", help="send one event (e.g. from a SLURM epilog)")
+    p.add_argument("event_type", help="one of: " + ", ".join(EVENT_TYPES))
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--job-id")
+    p.add_argument("--project", default=os.environ.get("ARGUS_PROJECT") or "default")
+    p.add_argument("--url")
+    p.add_argument("--token")
+    p.add_argument("--retry", action="store_true", help="retry 5xx/network errors with backoff")
+    p.add_argument("fields", nargs="*", metavar="key=value", help="data fields; values parsed as JSON")
+    p.set_defaults(func=_cmd_emit)
+
+    p = sub.add_parser("batch-id", help="print a derived (or a new) batch id")
+    p.add_argument("--project")
+    p.add_argument("--experiment")
+    p.add_argument("--git-sha", help='commit to hash (default: git rev-parse HEAD; "" means no-git)')
+    p.add_argument("--prefix")
+    p.add_argument("--new", action="store_true", help="a fresh random id instead")
+    p.set_defaults(func=_cmd_batch_id)
+
+    p = sub.add_parser("serve", help="run a small local collector (for trying the SDK)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    p.add_argument("--artifacts", help="folder for uploaded files")
+    p.add_argument("--token", help="require this token")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("stop", help="request a stop of a batch (local collector)")
+    p.add_argument("batch_id")
+    p.add_argument("--url")
+    p.add_argument("--token")
+    p.set_defaults(func=_cmd_stop)
+
+    p = sub.add_parser("demo", help="a simulated training against an in-process collector")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the ``argus`` command line; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    if not _logger().handlers and not _logger().parent.handlers:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
