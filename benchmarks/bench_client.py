@@ -1,0 +1,190 @@
+"""The client side of the benchmarks: runs inside the interpreter under test.
+
+bench.py starts this script in a subprocess, once per measurement, with the
+environment arranged so that ``import argus`` finds the client being measured.
+It prints one line ``BENCH_RESULT <json>`` on stdout and nothing else there.
+
+    python bench_client.py import
+    python bench_client.py epoch URL --calls 20000 --amortised-calls 10000 --amortised-reps 5
+    python bench_client.py burst URL --events 20000
+
+Standard library only, Python 3.8+.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+RESULT_MARKER = "BENCH_RESULT "
+
+
+def _emit_result(result: Dict[str, Any]) -> None:
+    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def _max_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def _percentile(sorted_values: List[int], pct: float) -> int:
+    """Nearest-rank percentile of an already sorted, non-empty list."""
+    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _client_identity(argus: Any) -> Dict[str, Any]:
+    return {
+        "argus_file": getattr(argus, "__file__", None),
+        "argus_version": getattr(argus, "__version__", None),
+        "python": sys.version.split()[0],
+    }
+
+
+def _open_reporter(argus: Any, url: str, token: Optional[str]) -> Any:
+    return argus.Reporter(
+        batch_prefix="bench",
+        source_project="bench",
+        heartbeat=False,
+        stop_polling=False,
+        resource_snapshot=False,
+        monitor_url=url,
+        token=token,
+    )
+
+
+# -- modes ------------------------------------------------------------------
+
+
+def measure_import() -> Dict[str, Any]:
+    """Seconds spent in ``import argus``, interpreter start-up excluded."""
+    started = time.perf_counter()
+    import argus
+    elapsed = time.perf_counter() - started
+    result = {"import_s": elapsed}
+    result.update(_client_identity(argus))
+    return result
+
+
+def _timer_overhead_ns(samples: int = 10000) -> int:
+    """Median cost of the two perf_counter_ns() calls that bracket a timed call."""
+    clock = time.perf_counter_ns
+    costs = []
+    for _ in range(samples):
+        t0 = clock()
+        costs.append(clock() - t0)
+    costs.sort()
+    return costs[len(costs) // 2]
+
+
+def _time_each_epoch(job: Any, calls: int) -> List[int]:
+    clock = time.perf_counter_ns
+    epoch = job.epoch
+    costs = [0] * calls
+    for i in range(calls):
+        t0 = clock()
+        epoch(i, train_loss=0.5, val_loss=0.6, lr=1e-3)
+        costs[i] = clock() - t0
+    return costs
+
+
+def _time_epoch_loop(job: Any, calls: int, first_epoch: int) -> float:
+    """Seconds per call, the whole loop timed at once."""
+    epoch = job.epoch
+    t0 = time.perf_counter()
+    for i in range(first_epoch, first_epoch + calls):
+        epoch(i, train_loss=0.5, val_loss=0.6, lr=1e-3)
+    return (time.perf_counter() - t0) / calls
+
+
+def measure_epoch(url: str, token: Optional[str], calls: int,
+                  amortised_calls: int, amortised_reps: int) -> Dict[str, Any]:
+    import argus
+    overhead_ns = _timer_overhead_ns()
+    with _open_reporter(argus, url, token) as reporter:
+        with reporter.job("job-1") as job:
+            costs = sorted(_time_each_epoch(job, calls))
+            per_call = [
+                _time_epoch_loop(job, amortised_calls, calls + rep * amortised_calls)
+                for rep in range(amortised_reps)
+            ]
+    per_call.sort()
+    result = {
+        "calls": calls,
+        "p50_ns": _percentile(costs, 50),
+        "p90_ns": _percentile(costs, 90),
+        "p99_ns": _percentile(costs, 99),
+        "max_ns": costs[-1],
+        "timer_overhead_ns": overhead_ns,
+        "amortised_calls": amortised_calls,
+        "amortised_reps": amortised_reps,
+        "amortised_ns": per_call[len(per_call) // 2] * 1e9,
+    }
+    result.update(_client_identity(argus))
+    return result
+
+
+def measure_burst(url: str, token: Optional[str], events: int) -> Dict[str, Any]:
+    import argus
+    rss_after_import = _max_rss_mb()
+    reporter = _open_reporter(argus, url, token)
+    with reporter:
+        with reporter.job("job-1") as job:
+            epoch = job.epoch
+            first_emit_wall = time.time()
+            t0 = time.perf_counter()
+            for i in range(events):
+                epoch(i, train_loss=0.5, val_loss=0.6, lr=1e-3)
+            emit_s = time.perf_counter() - t0
+        exit_started = time.perf_counter()
+    exit_s = time.perf_counter() - exit_started
+    exit_returned_wall = time.time()
+    result = {
+        "events": events,
+        "first_emit_wall": first_emit_wall,
+        "emit_s": emit_s,
+        "exit_s": exit_s,
+        "exit_returned_wall": exit_returned_wall,
+        "rss_after_import_mb": rss_after_import,
+        "max_rss_mb": _max_rss_mb(),
+        "requests_loaded": "requests" in sys.modules,
+    }
+    result.update(_client_identity(argus))
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="argus benchmark client")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    sub.add_parser("import")
+    epoch = sub.add_parser("epoch")
+    epoch.add_argument("url")
+    epoch.add_argument("--token")
+    epoch.add_argument("--calls", type=int, default=20000)
+    epoch.add_argument("--amortised-calls", type=int, default=10000)
+    epoch.add_argument("--amortised-reps", type=int, default=5)
+    burst = sub.add_parser("burst")
+    burst.add_argument("url")
+    burst.add_argument("--token")
+    burst.add_argument("--events", type=int, default=20000)
+    args = parser.parse_args(argv)
+
+    if args.mode == "import":
+        result = measure_import()
+    elif args.mode == "epoch":
+        result = measure_epoch(args.url, args.token, args.calls,
+                               args.amortised_calls, args.amortised_reps)
+    else:
+        result = measure_burst(args.url, args.token, args.events)
+    _emit_result(result)
+
+
+if __name__ == "__main__":
+    main()
