@@ -424,6 +424,18 @@ _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _UUID_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
 
 
+_ID_JSON = {}  # batch and job ids repeat in every event: encode each once
+
+
+def _id_json(ident: str) -> str:
+    text = _ID_JSON.get(ident)
+    if text is None:
+        if len(_ID_JSON) > 4096:
+            _ID_JSON.clear()
+        text = _ID_JSON[ident] = _dumps(ident)
+    return text
+
+
 def _uuid4() -> str:
     global _rng
     if _rng is None:
@@ -1263,6 +1275,7 @@ class ExperimentReporter:
         self._claim = None
         self._inflight = None
         self._closing = False
+        self._finalized = False
         self._abandoned = False
         self._deadline = None
         self._down_until = 0.0
@@ -1315,6 +1328,8 @@ class ExperimentReporter:
             self._wake()
 
     def _wake(self) -> None:
+        if self._finalized:
+            return self._spill_queue()
         self._idle = False
         thread = self._thread
         if thread is None or not thread.is_alive():
@@ -1494,17 +1509,26 @@ class ExperimentReporter:
         with self._lock:
             self._abandoned = True  # a worker still blocked in a request is no longer trusted
             leftovers = list(self._inflight or ()) if thread is not None and thread.is_alive() else []
+        # From now on a submit writes to disk at once; one racing with this close lands in
+        # the queue, sees _idle and is spilled by _wake().
+        self._slow = True
+        self._finalized = True
+        self._idle = True
+        self._spill_queue(leftovers)
+        self.spill.close()
+        _live.discard(self)
+
+    def _spill_queue(self, pairs=()) -> None:
+        pairs = list(pairs)
+        with self._lock:
             while self._queue:
                 item = self._queue.popleft()
                 if type(item) is tuple:
-                    leftovers.append(self._encode(item))
+                    pairs.append(self._encode(item))
                 else:
                     item.done.set()
-        self._slow = True
-        if leftovers:
-            self.spill.append([line for _, line in leftovers])
-        self.spill.close()
-        _live.discard(self)
+        if pairs:
+            self.spill.append([line for _, line in pairs])
 
     def __enter__(self) -> ExperimentReporter:
         return self
@@ -1540,8 +1564,8 @@ class ExperimentReporter:
                 SCHEMA_VERSION,
                 etype,
                 _format_ts(ts),
-                _dumps(batch_id),
-                "null" if job_id is None else _dumps(job_id),
+                _id_json(batch_id),
+                "null" if job_id is None else _id_json(job_id),
                 self._source(),
                 _encode_data(data),
             )
@@ -2343,7 +2367,7 @@ class Reporter:
     ):
         if not isinstance(batch_prefix, str) or not batch_prefix:
             raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
-        for name, value in (("batch_id", batch_id), ("resume_from", resume_from)):
+        for value in (batch_id, resume_from):
             if value is not None:
                 _check_batch_id(value)
         if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):

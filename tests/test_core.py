@@ -104,7 +104,7 @@ def test_an_exception_fails_job_and_batch_and_still_propagates(fake):
                 pass
             with r.job("bad") as job:
                 job.epoch(0, train_loss=1.0)
-                1 / 0
+                1 / 0  # noqa: B018
     failed = fake.of_type("job_failed")[0]
     assert failed["job_id"] == "bad"
     assert failed["data"]["status"] == "FAILED"
