@@ -982,7 +982,10 @@ class _StdlibTransport:
         timeout = max(0.05, timeout)
         for attempt in (0, 1):
             reused = self._conn is not None
-            conn = self._conn or self._connect(timeout)
+            try:
+                conn = self._conn or self._connect(timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise _NetworkError("TLS setup failed (CA bundle %s): %s" % (_ca_bundle(), exc)) from None
             self._conn = conn
             try:
                 conn.timeout = timeout

@@ -1,0 +1,81 @@
+"""HTTPS with an internal CA: ARGUS_CA_BUNDLE, REQUESTS_CA_BUNDLE and SSL_CERT_FILE."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+import argus
+from conftest import FakeArgus
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+@pytest.fixture
+def tls_fake(tmp_path):
+    """FakeArgus behind TLS with a certificate for 127.0.0.1 from a throwaway CA."""
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.pem"
+    key, csr, crt, ext = tmp_path / "srv.key", tmp_path / "srv.csr", tmp_path / "srv.pem", tmp_path / "ext"
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
+        "-days", "2", "-subj", "/CN=argus test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    server = FakeArgus()
+    server.server.shutdown()  # restart the same server with TLS on its socket
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(crt), str(key))
+    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+    thread = threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    server.url = server.url.replace("http://", "https://")
+    yield server, str(ca_crt)
+    server.close()
+
+
+@pytest.mark.parametrize("transport", ["urllib", "requests"])
+@pytest.mark.parametrize("variable", ["ARGUS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_an_internal_ca_is_trusted_through_the_environment(tls_fake, monkeypatch, transport, variable):
+    if transport == "requests":
+        pytest.importorskip("requests")
+    server, ca = tls_fake
+    for name in ("ARGUS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)  # the machine may set some of them
+    monkeypatch.setenv("ARGUS_TRANSPORT", transport)
+    monkeypatch.setenv(variable, ca)
+    with argus.ExperimentReporter(server.url, "tls") as rep:
+        rep.batch_start("t", 1)
+    assert len(server.of_type("batch_start")) == 1
+    assert rep.spill.spilled == 0
+
+
+@pytest.mark.parametrize("transport", ["urllib", "requests"])
+def test_an_unknown_ca_is_refused_and_events_are_kept(tls_fake, monkeypatch, transport, spill_dir):
+    if transport == "requests":
+        pytest.importorskip("requests")
+    server, _ca = tls_fake
+    for name in ("ARGUS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)  # the default trust store only
+    monkeypatch.setenv("ARGUS_TRANSPORT", transport)
+    monkeypatch.setattr(argus, "RETRY_ATTEMPTS", 1)
+    with argus.ExperimentReporter(server.url, "tls") as rep:
+        rep.batch_start("t", 1)
+    assert server.events == {}
+    assert rep.spill.spilled == 1
+
+
+def test_a_missing_ca_bundle_file_is_a_logged_network_failure_not_a_crash(tls_fake, monkeypatch, caplog):
+    server, _ca = tls_fake
+    monkeypatch.setenv("ARGUS_TRANSPORT", "urllib")
+    monkeypatch.setenv("ARGUS_CA_BUNDLE", "/nonexistent/ca.pem")
+    monkeypatch.setattr(argus, "RETRY_ATTEMPTS", 1)
+    with argus.ExperimentReporter(server.url, "tls") as rep:
+        rep.batch_start("t", 1)
+    assert rep.spill.spilled == 1  # kept for later, the worker survived
+    assert any("/nonexistent/ca.pem" in r.getMessage() for r in caplog.records)
