@@ -88,6 +88,7 @@ RETRY_MAX_S = 30.0  # cap of the backoff between probes of a down server
 RETRY_AFTER_CAP_S = 60.0  # a 429's Retry-After is honoured up to this
 AUTH_PROBE_S = 60.0  # after 401/403/404, try again this often (doubling, up to 10 min)
 UPLOAD_WAIT_S = 120.0  # job.upload() waits at most this long for its files
+AUTO_UPLOAD_WAIT_S = 30.0  # the batch's auto_upload_dirs, at exit, wait at most this long
 
 ENV_URL = "ARGUS_URL"
 ENV_TOKEN = "ARGUS_TOKEN"
@@ -417,6 +418,14 @@ def _encode_data(data: dict) -> str:
     if len(text) > _MAX_EVENT_CHARS:
         text = _dumps(_replace_nonfinite(_jsonable(data), "", {}))
     return text
+
+
+def _meta_text(meta) -> str:
+    """An artifact's ``meta`` as strict JSON: a non-finite float becomes null, as in events."""
+    meta = _jsonable(meta)
+    if isinstance(meta, dict):
+        return _encode_data(meta)
+    return _dumps(_replace_nonfinite(meta, "", {}))
 
 
 _rng = None  # a private generator: a user's random.seed() must never repeat our event ids
@@ -1131,7 +1140,9 @@ class _MultipartBody:
         self.boundary = "argus-%s" % os.urandom(12).hex()
         self.content_type = "multipart/form-data; boundary=" + self.boundary
         self._path = path
-        filename = os.path.basename(path).replace('"', "_")
+        filename = os.path.basename(path)
+        for char in '"\r\n':
+            filename = filename.replace(char, "_")
         head = []
         for name, value in fields.items():
             head.append(
@@ -1471,7 +1482,7 @@ class ExperimentReporter:
         route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
         return self._uploads([_Upload(route, os.fspath(path), label, meta, True)])[0]
 
-    def _uploads(self, uploads: list, wait: float = UPLOAD_WAIT_S) -> list:
+    def _uploads(self, uploads: list, wait: float | None = None) -> list:
         if self._slow:
             if self._closed and self.enabled:
                 _log("warning", "argus: upload after close() skipped: %s", uploads[0].path)
@@ -1479,6 +1490,7 @@ class ExperimentReporter:
         for upload in uploads:
             self._queue.append(upload)
         self._wake()
+        wait = UPLOAD_WAIT_S if wait is None else wait
         end = _mono() + wait
         for upload in uploads:
             if not upload.done.wait(max(0.0, end - _mono())):
@@ -1831,6 +1843,14 @@ class ExperimentReporter:
 
     def _control(self, control) -> None:
         if type(control) is _Upload:
+            # Events spilled during an outage were queued before this upload (its job_start
+            # may be among them): re-send what is due before the file leaves.
+            while (
+                self._replay_due is not None
+                and not self._abandoned
+                and _mono() >= max(self._replay_due, self._down_until)
+            ):
+                self._replay_step()
             try:
                 control.result = self._upload(control)
             except Exception as exc:
@@ -1860,7 +1880,7 @@ class ExperimentReporter:
                     "size": size,
                     "route": upload.route,
                     "label": upload.label,
-                    "meta": _jsonable(upload.meta),
+                    "meta": None if upload.meta is None else _loads(_meta_text(upload.meta)),
                     "recorded_at": _format_ts(_now()),
                 }
             )
@@ -1872,7 +1892,7 @@ class ExperimentReporter:
         if upload.label is not None:
             fields["label"] = str(upload.label)
         if upload.meta is not None:
-            fields["meta"] = _dumps(_jsonable(upload.meta))
+            fields["meta"] = _meta_text(upload.meta)
         for attempt in range(3):
             timeout = self._request_timeout()
             if timeout is None:
@@ -1890,7 +1910,7 @@ class ExperimentReporter:
                     return _loads(data.decode("utf-8"))
                 except ValueError:
                     return {}
-            if status == 429:
+            if status == 429 and attempt < 2:
                 if not self._sleep(_retry_after(rheaders, 1.0)):
                     return None
                 continue
@@ -1912,7 +1932,6 @@ class ExperimentReporter:
                     "HTTP %d %s" % (status, _error_text(data)) if status else data.decode(),
                 )
             return None
-        return None
 
     def _after_fork(self) -> None:
         """In a forked child: drop the parent's queue, locks and thread; start fresh on use."""
@@ -2513,7 +2532,7 @@ class Reporter:
                 route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
                 uploads.append(_Upload(route, path, None, None, True))
         if uploads:
-            sender._uploads(uploads)
+            sender._uploads(uploads, AUTO_UPLOAD_WAIT_S)
 
     # -- daemon threads -------------------------------------------------------------------
 
@@ -2542,7 +2561,9 @@ class Reporter:
                 delay = interval
                 try:
                     transport = transport or _make_transport(sender.url, sender._token)
-                    status, headers, body = transport.request("GET", route, timeout=min(5.0, interval))
+                    status, headers, body = transport.request(
+                        "GET", route, timeout=min(THREAD_JOIN_S, max(1.0, interval))
+                    )
                 except _NetworkError:
                     continue
                 if status == 200:
@@ -2592,7 +2613,7 @@ class Reporter:
             sampler = _ResourceSampler()
             while not self._halt.wait(interval):
                 fields = sampler.sample()
-                if fields:
+                if fields and not self._halt.is_set():  # a late sample would outlive the batch
                     self._sender.resource_snapshot(**fields)
         except Exception as exc:
             _log("error", "argus: resource sampling stopped: %r", exc)
