@@ -2877,6 +2877,911 @@ atexit.register(_at_exit)
 
 
 # ---------------------------------------------------------------------------------------
+# Framework integrations (lazy)
+# ---------------------------------------------------------------------------------------
+# `argus.integrations.lightning`, `.keras` and `.hydra` are module objects put into
+# sys.modules when argus is imported, the way six registers `six.moves`: the import system
+# finds them there, so `import argus.integrations.hydra`, `from argus.integrations.keras
+# import ArgusCallback` and Hydra's `_target_: argus.integrations.hydra.ArgusCallback` work
+# although argus is a single file. Each module builds its ArgusCallback on first access and
+# only then imports its framework; `import argus` imports none.
+
+# name: (the framework as users know it, the pip extra that installs it)
+_INTEGRATIONS = {
+    "lightning": ("Lightning", "lightning"),
+    "keras": ("Keras", "keras"),
+    "hydra": ("Hydra", "hydra"),
+}
+
+
+def _missing_framework(name: str) -> ImportError:
+    framework, extra = _INTEGRATIONS[name]
+    return ImportError(
+        "%s.integrations.%s needs %s: pip install 'argus-reporter[%s]'"
+        % (__name__, name, framework, extra)
+    )
+
+
+def _as_float(value):
+    """A float from a number, a numpy scalar or a one-element tensor; None for anything else."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    for name in ("item", "numpy"):  # tensors and numpy scalars; TF variables
+        method = getattr(value, name, None)
+        if callable(method) and not isinstance(value, (int, float)):
+            try:
+                value = method()
+            except Exception:
+                return None
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _keys(value, name: str) -> tuple:
+    """A tuple of metric names; one string is one name, not its characters."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        keys = tuple(value)
+    except TypeError:
+        keys = None
+    if keys is None or not all(isinstance(k, str) for k in keys):
+        raise TypeError("%s must be a tuple of metric names, e.g. ('val_loss',); got %r" % (name, value))
+    return keys
+
+
+def _first_float(values, keys):
+    """The first of ``keys`` present in ``values`` with a numeric value, as (key, float)."""
+    for key in keys:
+        if key in values:
+            number = _as_float(values[key])
+            if number is not None:
+                return key, number
+    return None, None
+
+
+def _integration_hook(method):
+    """Log a failure inside a framework hook instead of raising it into training."""
+
+    def hook(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            _log(
+                "warning",
+                "argus: %s.%s failed, training goes on: %r",
+                type(self).__name__,
+                method.__name__,
+                exc,
+            )
+            return None
+
+    hook.__name__ = method.__name__
+    hook.__qualname__ = method.__qualname__
+    hook.__doc__ = method.__doc__
+    return hook
+
+
+class _TrainingRun:
+    """One batch holding one job, opened and closed from a framework's separate hooks.
+
+    The callbacks drive Reporter and JobContext through ``__enter__``/``__exit__`` because
+    a training run starts in one hook and ends in another. If the process ends while the
+    job is open (an exception escaped ``fit()`` and nobody reported it), an atexit handler
+    closes it as failed, with the uncaught exception when Python recorded one.
+    """
+
+    def __init__(
+        self,
+        *,
+        project,
+        job_id,
+        argus_url,
+        token,
+        model,
+        dataset,
+        experiment_type,
+        batch_prefix,
+        heartbeat,
+        stop_polling,
+        resource_snapshot,
+        auto_upload_dirs,
+    ):
+        # Mistakes in how a callback is built raise here, before training starts.
+        if not isinstance(project, str) or not project:
+            raise TypeError(
+                "project must be a non-empty string, e.g. ArgusCallback(project='my-paper', ...)"
+            )
+        _check_job_id(job_id)
+        if not isinstance(batch_prefix, str) or not batch_prefix:
+            raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
+        _interval(heartbeat, DEFAULT_HEARTBEAT_S, "heartbeat")
+        _interval(stop_polling, DEFAULT_STOP_POLL_S, "stop_polling")
+        _interval(resource_snapshot, DEFAULT_RESOURCE_S, "resource_snapshot")
+        if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
+            auto_upload_dirs = [auto_upload_dirs]
+        self.project = project
+        self.job_id = job_id
+        self.model = model
+        self.dataset = dataset
+        self._reporter_kwargs = dict(
+            experiment_type=experiment_type,
+            source_project=project,
+            n_total=1,
+            heartbeat=heartbeat,
+            stop_polling=stop_polling,
+            resource_snapshot=resource_snapshot,
+            monitor_url=argus_url,
+            token=token,
+            auto_upload_dirs=[os.fspath(d) for d in auto_upload_dirs] if auto_upload_dirs else None,
+        )
+        self.batch_prefix = batch_prefix
+        self.polls_stop = bool(stop_polling)
+        self.reporter = None
+        self.job = None
+        self.ended = False  # a run was started and has ended
+        self.stop_logged = False
+
+    def __getstate__(self):
+        # Pickled with its callback (ddp_spawn, joblib): the open run stays in this process.
+        state = self.__dict__.copy()
+        state.update(reporter=None, job=None)
+        return state
+
+    @property
+    def active(self) -> bool:
+        return self.job is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self.reporter is not None and self.reporter.stopped
+
+    def start(self, model=None) -> None:
+        if self.job is not None:
+            self.fail(RuntimeError("a new training run started before this one ended"))
+        reporter = Reporter(self.batch_prefix, **self._reporter_kwargs)
+        reporter.__enter__()
+        try:
+            job = reporter.job(self.job_id, model=self.model or model, dataset=self.dataset)
+            job.__enter__()
+        except BaseException as exc:
+            reporter.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self.reporter, self.job = reporter, job
+        self.stop_logged = False
+        atexit.register(self._close_at_exit)
+
+    def epoch(self, epoch, **values) -> None:
+        if self.job is not None:
+            self.job.epoch(epoch, **values)
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        if self.job is not None:
+            self.job.log(message, level)
+
+    def finish(self, metrics=None) -> None:
+        """``job_done`` then ``batch_done``."""
+        job, reporter = self._take()
+        if job is None:
+            return
+        try:
+            if metrics:
+                job.metrics(metrics)
+        finally:
+            job.__exit__(None, None, None)
+            reporter.__exit__(None, None, None)
+
+    def fail(self, exc: BaseException) -> None:
+        """``job_failed`` then ``batch_failed``, with the exception's type and message."""
+        job, reporter = self._take()
+        if job is None:
+            return
+        tb = getattr(exc, "__traceback__", None)
+        try:
+            job.__exit__(type(exc), exc, tb)
+        finally:
+            reporter.__exit__(type(exc), exc, tb)
+
+    def _take(self):
+        job, reporter = self.job, self.reporter
+        self.job = self.reporter = None
+        if job is not None:
+            self.ended = True
+            atexit.unregister(self._close_at_exit)
+        return job, reporter
+
+    def _close_at_exit(self) -> None:
+        # Python records an uncaught exception in sys.last_exc (3.12+) / sys.last_value
+        # before it runs atexit handlers.
+        exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError("the process ended before training reported its end")
+        try:
+            self.fail(exc)
+        except Exception as error:
+            _log("warning", "argus: could not close the open job at exit: %r", error)
+
+    def request_stop_once(self, framework_call: str) -> None:
+        if not self.stop_logged:
+            self.stop_logged = True
+            self.log("Stop requested in Argus: %s" % framework_call, "WARNING")
+
+
+def _build_lightning_callback():
+    import importlib
+
+    # `lightning.pytorch` and `pytorch_lightning` are two packages with distinct Callback
+    # classes, and each Trainer accepts only its own: derive from every one installed so
+    # that one class works with both.
+    bases, errors = [], []
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except Exception as exc:  # one broken package must not hide the other
+            errors.append(exc)
+    if not bases:
+        if all(isinstance(exc, ImportError) for exc in errors):
+            raise _missing_framework("lightning") from errors[0]
+        raise errors[-1]
+
+    class ArgusCallback(*bases):
+        """Report a Lightning ``Trainer.fit`` to Argus as one batch holding one job.
+
+        ``on_train_start`` sends ``batch_start`` and ``job_start``; each epoch sends one
+        ``job_epoch`` with the train loss, the validation loss of that epoch (when
+        validation ran) and the first optimizer's learning rate at the epoch's start;
+        ``on_train_end`` sends ``job_done`` (``final_metric_keys`` read from
+        ``trainer.callback_metrics``) and ``batch_done``; ``on_exception`` sends
+        ``job_failed`` and ``batch_failed``. Only global rank 0 reports. With
+        ``stop_polling`` the Argus Stop button sets ``trainer.should_stop``.
+        """
+
+        def __init__(
+            self,
+            *,
+            project: str,
+            job_id: str,
+            argus_url: str | None = None,
+            token: str | None = None,
+            model: str | None = None,
+            dataset: str | None = None,
+            experiment_type: str = "lightning",
+            batch_prefix: str = "lightning",
+            train_loss_keys=("train_loss_epoch", "train_loss", "loss"),
+            val_loss_keys=("val_loss_epoch", "val_loss"),
+            final_metric_keys=(),
+            heartbeat: bool | float = False,
+            stop_polling: bool | float = False,
+            resource_snapshot: bool | float = False,
+            auto_upload_dirs=None,
+        ):
+            super().__init__()
+            self._run = _TrainingRun(
+                project=project,
+                job_id=job_id,
+                argus_url=argus_url,
+                token=token,
+                model=model,
+                dataset=dataset,
+                experiment_type=experiment_type,
+                batch_prefix=batch_prefix,
+                heartbeat=heartbeat,
+                stop_polling=stop_polling,
+                resource_snapshot=resource_snapshot,
+                auto_upload_dirs=auto_upload_dirs,
+            )
+            self.train_loss_keys = _keys(train_loss_keys, "train_loss_keys")
+            self.val_loss_keys = _keys(val_loss_keys, "val_loss_keys")
+            self.final_metric_keys = _keys(final_metric_keys, "final_metric_keys")
+            self._reset_epoch_state()
+
+        def _reset_epoch_state(self) -> None:
+            self._pending_epoch = None  # ended, not yet sent
+            self._val_epoch = None  # the epoch during which validation last ran
+            self._epoch_lr = None
+
+        @_integration_hook
+        def on_train_start(self, trainer, pl_module) -> None:
+            if getattr(trainer, "global_rank", 0) != 0:
+                return
+            self._reset_epoch_state()
+            self._run.start(model=type(pl_module).__name__)
+
+        # An epoch is sent when the next one starts (or training ends): by then Lightning
+        # has run validation, the LightningModule's own epoch-end hooks and what they log,
+        # which a callback's on_train_epoch_end runs before. The learning rate is read when
+        # the epoch starts, before an epoch-interval scheduler steps at its end.
+        @_integration_hook
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if self._run.active:
+                self._send_epoch(trainer)
+                self._epoch_lr = self._first_lr(trainer)
+
+        @_integration_hook
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            if self._run.active and not trainer.sanity_checking:
+                self._val_epoch = trainer.current_epoch
+
+        @_integration_hook
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            # One process: stop at once. Several: on_train_epoch_end decides for all ranks.
+            if self._run.polls_stop and getattr(trainer, "world_size", 1) == 1 and self._run.stopped:
+                self._stop(trainer)
+
+        @_integration_hook
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if self._run.active:
+                self._pending_epoch = trainer.current_epoch
+            if self._run.polls_stop and getattr(trainer, "world_size", 1) > 1:
+                # Every rank must take part, or rank 0 would stop alone and the others hang.
+                try:
+                    stop = trainer.strategy.reduce_boolean_decision(self._run.stopped, all=False)
+                except TypeError:  # Lightning before 1.9 has no `all`
+                    stop = trainer.strategy.reduce_boolean_decision(self._run.stopped)
+                if stop:
+                    self._stop(trainer)
+            elif self._run.polls_stop and self._run.stopped:
+                self._stop(trainer)
+
+        @_integration_hook
+        def on_train_end(self, trainer, pl_module) -> None:
+            if not self._run.active:
+                return
+            self._send_epoch(trainer)
+            metrics = {}
+            for key in self.final_metric_keys:
+                value = _as_float(trainer.callback_metrics.get(key))
+                if value is not None:
+                    metrics[key] = value
+            self._run.finish(metrics)
+
+        @_integration_hook
+        def on_exception(self, trainer, pl_module, exception) -> None:
+            if getattr(trainer, "global_rank", 0) != 0:
+                return
+            if self._run.active:
+                self._send_epoch(trainer)
+            elif self._run.ended or getattr(trainer.state, "fn", None) != "fit":
+                return  # after this callback's run ended, or in validate/test/predict
+            else:  # fit failed before on_train_start (setup, sanity check): still report it
+                self._run.start(model=type(pl_module).__name__)
+            self._run.fail(exception)
+
+        def _send_epoch(self, trainer) -> None:
+            epoch, self._pending_epoch = self._pending_epoch, None
+            if epoch is None:
+                return
+            metrics = trainer.callback_metrics
+            train_loss = _first_float(metrics, self.train_loss_keys)[1]
+            val_loss = _first_float(metrics, self.val_loss_keys)[1] if self._val_epoch == epoch else None
+            self._run.epoch(epoch, train_loss=train_loss, val_loss=val_loss, lr=self._epoch_lr)
+
+        @staticmethod
+        def _first_lr(trainer):
+            try:
+                return _as_float(trainer.optimizers[0].param_groups[0]["lr"])
+            except (AttributeError, IndexError, KeyError, TypeError):
+                return None
+
+        def _stop(self, trainer) -> None:
+            if not trainer.should_stop:
+                trainer.should_stop = True
+                self._run.request_stop_once("trainer.should_stop = True")
+
+    return ArgusCallback
+
+
+def _build_keras_callback():
+    try:
+        import keras  # Keras 3 (or the Keras 2 that TensorFlow <= 2.15 installs)
+
+        base = keras.callbacks.Callback
+    except ImportError:
+        try:
+            from tensorflow import keras
+        except ImportError as exc:
+            raise _missing_framework("keras") from exc
+        base = keras.callbacks.Callback
+
+    def learning_rate(model):
+        optimizer = getattr(model, "optimizer", None)
+        lr = getattr(optimizer, "learning_rate", None)
+        if lr is None:
+            lr = getattr(optimizer, "lr", None)
+        value = _as_float(lr)
+        if value is None and callable(lr):  # tf.keras 2 returns the schedule itself
+            try:
+                value = _as_float(lr(optimizer.iterations))
+            except Exception:
+                return None
+        return value
+
+    # The keyword arguments of JobContext.epoch: a log entry of the same name can't be extra.
+    reserved = frozenset(("epoch", "train_loss", "val_loss", "lr", "batch_time_ms"))
+
+    class ArgusCallback(base):
+        """Report a Keras ``model.fit`` to Argus as one batch holding one job.
+
+        ``on_train_begin`` sends ``batch_start`` and ``job_start``; ``on_epoch_end`` sends one
+        ``job_epoch`` with ``loss``, ``val_loss``, the learning rate at the epoch's first
+        batch and every other numeric entry of ``logs``; ``on_train_end`` sends ``job_done``
+        and ``batch_done``. Keras has no failure hook: call ``report_failure(exc)`` when
+        ``fit()`` raises; if you don't, the job is closed as failed when the process ends.
+        With ``stop_polling`` the Argus Stop button sets ``model.stop_training``.
+        """
+
+        def __init__(
+            self,
+            *,
+            project: str,
+            job_id: str,
+            argus_url: str | None = None,
+            token: str | None = None,
+            model: str | None = None,
+            dataset: str | None = None,
+            experiment_type: str = "keras",
+            batch_prefix: str = "keras",
+            train_loss_keys=("loss",),
+            val_loss_keys=("val_loss",),
+            final_metric_keys=(),
+            heartbeat: bool | float = False,
+            stop_polling: bool | float = False,
+            resource_snapshot: bool | float = False,
+            auto_upload_dirs=None,
+        ):
+            super().__init__()
+            self._run = _TrainingRun(
+                project=project,
+                job_id=job_id,
+                argus_url=argus_url,
+                token=token,
+                model=model,
+                dataset=dataset,
+                experiment_type=experiment_type,
+                batch_prefix=batch_prefix,
+                heartbeat=heartbeat,
+                stop_polling=stop_polling,
+                resource_snapshot=resource_snapshot,
+                auto_upload_dirs=auto_upload_dirs,
+            )
+            self.train_loss_keys = _keys(train_loss_keys, "train_loss_keys")
+            self.val_loss_keys = _keys(val_loss_keys, "val_loss_keys")
+            self.final_metric_keys = _keys(final_metric_keys, "final_metric_keys")
+            self._epoch_lr = None
+            self._lr_due = False
+            self._last_logs = {}
+
+        @_integration_hook
+        def on_train_begin(self, logs=None) -> None:
+            self._last_logs = {}
+            name = getattr(self.model, "name", None) or type(self.model).__name__
+            self._run.start(model=name)
+
+        @_integration_hook
+        def on_epoch_begin(self, epoch, logs=None) -> None:
+            self._lr_due = True
+
+        # The learning rate is read at the epoch's first batch: after every on_epoch_begin
+        # (LearningRateScheduler sets it there), before a schedule moves it on.
+        @_integration_hook
+        def on_train_batch_begin(self, batch, logs=None) -> None:
+            if self._lr_due:
+                self._lr_due = False
+                self._epoch_lr = learning_rate(self.model)
+
+        @_integration_hook
+        def on_train_batch_end(self, batch, logs=None) -> None:
+            if self._run.polls_stop and self._run.stopped:
+                self._stop()
+
+        @_integration_hook
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            if not self._run.active:
+                return
+            logs = dict(logs or {})
+            self._last_logs = logs
+            train_key, train_loss = _first_float(logs, self.train_loss_keys)
+            val_key, val_loss = _first_float(logs, self.val_loss_keys)
+            lr = self._epoch_lr if not self._lr_due else None
+            if lr is None:
+                lr = learning_rate(self.model)
+            if lr is None:
+                lr = _first_float(logs, ("learning_rate", "lr"))[1]
+            extra = {}
+            for key, value in logs.items():
+                number = _as_float(value)
+                if number is not None and key not in (train_key, val_key) and key not in reserved:
+                    extra[str(key)] = number
+            self._epoch_lr = None
+            self._run.epoch(epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, **extra)
+            if self._run.polls_stop and self._run.stopped:
+                self._stop()
+
+        @_integration_hook
+        def on_train_end(self, logs=None) -> None:
+            logs = logs or self._last_logs
+            metrics = {}
+            for key in self.final_metric_keys:
+                value = _as_float(logs.get(key))
+                if value is not None:
+                    metrics[key] = value
+            self._run.finish(metrics)
+
+        def report_failure(self, exc: BaseException) -> None:
+            """Close the job and the batch as failed: call it when ``fit()`` raised.
+
+            ::
+
+                try:
+                    model.fit(x, y, callbacks=[cb])
+                except Exception as exc:
+                    cb.report_failure(exc)
+                    raise
+            """
+            try:
+                if not self._run.active:
+                    if self._run.ended:
+                        return  # this run already ended; the failure came after it
+                    self._run.start(model=getattr(self.model, "name", None))
+                self._run.fail(exc)
+            except Exception as error:
+                _log("warning", "argus: report_failure failed: %r", error)
+
+        def _stop(self) -> None:
+            if not getattr(self.model, "stop_training", False):
+                self.model.stop_training = True
+                self._run.request_stop_once("model.stop_training = True")
+
+    return ArgusCallback
+
+
+def _hydra_sweep_size(config):
+    """The number of jobs of a multirun when the sweeper makes it knowable, else None."""
+    from omegaconf import OmegaConf
+
+    sweeper = OmegaConf.select(config, "hydra.sweeper")
+    if sweeper is None:
+        return None
+    n_trials = OmegaConf.select(sweeper, "n_trials")  # the Optuna sweeper
+    if isinstance(n_trials, int) and not isinstance(n_trials, bool):
+        return n_trials
+    if not str(OmegaConf.select(sweeper, "_target_") or "").endswith(".BasicSweeper"):
+        return None
+    # What BasicSweeper.sweep() does, without launching: the cartesian product of the
+    # sweeper's params and the command line's overrides.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(sweeper, "params") or {}
+    arguments = ["%s=%s" % (k, v) for k, v in params.items()]
+    arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return sum(len(chunk) for chunk in BasicSweeper.split_arguments(overrides, None))
+
+
+def _build_hydra_callback():
+    try:
+        from hydra.experimental.callback import Callback
+        from omegaconf import OmegaConf
+    except ImportError as exc:
+        raise _missing_framework("hydra") from exc
+
+    def job_metrics(value) -> dict:
+        """The numbers a task function returned, as job metrics."""
+        number = _as_float(value)
+        if number is not None:
+            return {"return_value": number}
+        try:
+            items = value.items()
+        except Exception:
+            return {}
+        metrics = {}
+        for key, item in items:
+            number = _as_float(item)
+            if number is not None:
+                metrics[str(key)] = number
+        return metrics
+
+    class ArgusCallback(Callback):
+        """Report a Hydra run or multirun to Argus: one batch, one job per Hydra job.
+
+        Enable it in the primary config::
+
+            hydra:
+              callbacks:
+                argus:
+                  _target_: argus.integrations.hydra.ArgusCallback
+                  project: my-paper
+
+        ``python main.py`` makes one batch with one job; ``python main.py -m a=1,2,3`` one
+        batch with three jobs, ``n_total`` set from the sweep. A job's id is the config value
+        at ``job_id_key``, else ``job_id_template.format(**scalar_fields, job_num=N)``, else
+        the Hydra job number. A job whose task function raised is sent as ``job_failed``.
+        While the batch is open ``argus.get_batch_id()`` and ``argus.emit(...)`` work inside
+        the task function, and child processes inherit ``ARGUS_BATCH_ID``.
+        """
+
+        def __init__(
+            self,
+            *,
+            project: str,
+            experiment_type: str = "hydra",
+            argus_url: str | None = None,
+            token: str | None = None,
+            batch_prefix: str = "hydra",
+            job_id_key: str | None = None,
+            job_id_template: str | None = None,
+            heartbeat: bool | float = False,
+            stop_polling: bool | float = False,
+            resource_snapshot: bool | float = False,
+            auto_upload_dirs=None,
+        ):
+            if not isinstance(project, str) or not project:
+                raise TypeError("project must be a non-empty string, e.g. project: my-paper")
+            if not isinstance(batch_prefix, str) or not batch_prefix:
+                raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
+            for name, value in (("job_id_key", job_id_key), ("job_id_template", job_id_template)):
+                if value is not None and not isinstance(value, str):
+                    raise TypeError("%s must be a string; got %r" % (name, value))
+            _interval(heartbeat, DEFAULT_HEARTBEAT_S, "heartbeat")
+            _interval(stop_polling, DEFAULT_STOP_POLL_S, "stop_polling")
+            _interval(resource_snapshot, DEFAULT_RESOURCE_S, "resource_snapshot")
+            if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
+                auto_upload_dirs = [auto_upload_dirs]
+            self.project = project
+            self.argus_url = argus_url
+            self.token = token
+            self.job_id_key = job_id_key
+            self.job_id_template = job_id_template
+            self._batch_prefix = batch_prefix
+            self._reporter_kwargs = dict(
+                experiment_type=experiment_type,
+                source_project=project,
+                heartbeat=heartbeat,
+                stop_polling=stop_polling,
+                resource_snapshot=resource_snapshot,
+                monitor_url=argus_url,
+                token=token,
+                # Hydra hands lists over as ListConfig
+                auto_upload_dirs=[str(d) for d in auto_upload_dirs] if auto_upload_dirs else None,
+            )
+            self._reporter = None
+            self._job = None
+            self._remote = None  # (sender, job_id, t0) for a job launched in another process
+            self._batch_id = None
+            self._pid = None
+            self._failure = None  # the first failed job's exception
+            self._batch_per_job = False
+
+        def __getstate__(self):
+            # Launchers that run jobs in other processes (joblib, submitit) pickle the
+            # callbacks: the batch stays here, its id travels.
+            state = self.__dict__.copy()
+            state.update(_reporter=None, _job=None, _remote=None)
+            return state
+
+        @_integration_hook
+        def on_run_start(self, config, **kwargs) -> None:
+            self._open(n_total=1)
+
+        @_integration_hook
+        def on_multirun_start(self, config, **kwargs) -> None:
+            try:
+                n_total = _hydra_sweep_size(config)
+            except Exception as exc:
+                _log("info", "argus: the size of this sweep is not known (%r)", exc)
+                n_total = None
+            self._open(n_total=n_total)
+
+        @_integration_hook
+        def on_job_start(self, config, **kwargs) -> None:
+            job_id = self._job_id(config)
+            overrides = OmegaConf.select(config, "hydra.overrides.task")
+            line = "hydra overrides: %s" % " ".join(str(o) for o in overrides) if overrides else None
+            if self._reporter is None and self._batch_id is not None and os.getpid() != self._pid:
+                self._start_remote_job(job_id, line)
+                return
+            if self._reporter is None:  # a job without a run or multirun around it
+                self._open(n_total=1)
+                self._batch_per_job = True
+            job = self._reporter.job(job_id)
+            job.__enter__()
+            self._job = job
+            if line:
+                job.log(line)
+
+        @_integration_hook
+        def on_job_end(self, config, job_return, **kwargs) -> None:
+            failed = getattr(getattr(job_return, "status", None), "name", None) == "FAILED"
+            if failed:
+                # job_return.return_value would print the error and raise it again.
+                exc = getattr(job_return, "_return_value", None)
+                if not isinstance(exc, BaseException):
+                    exc = RuntimeError("the Hydra job failed")
+                if self._failure is None:
+                    self._failure = exc
+                metrics = {}
+            else:
+                exc = None
+                metrics = job_metrics(getattr(job_return, "_return_value", None))
+            if self._remote is not None:
+                self._end_remote_job(exc, metrics)
+                return
+            job, self._job = self._job, None
+            if job is None:
+                return
+            if metrics:
+                job.metrics(metrics)
+            if exc is None:
+                job.__exit__(None, None, None)
+            else:
+                job.__exit__(type(exc), exc, exc.__traceback__)
+            if self._batch_per_job:
+                self._close(exc)
+
+        @_integration_hook
+        def on_run_end(self, config, job_return=None, **kwargs) -> None:
+            self._close(self._failure)
+
+        @_integration_hook
+        def on_multirun_end(self, config, **kwargs) -> None:
+            # Reached only when every job was launched; the batch's n_failed says how they went.
+            self._close(None)
+
+        def _open(self, n_total) -> None:
+            if self._reporter is not None:
+                return
+            reporter = Reporter(self._batch_prefix, n_total=n_total, **self._reporter_kwargs)
+            reporter.__enter__()  # publishes the batch id for emit() and child processes
+            self._reporter, self._batch_id, self._pid = reporter, reporter.batch_id, os.getpid()
+            self._failure = None
+            self._batch_per_job = False
+            atexit.register(self._close_at_exit)
+
+        def _close(self, exc) -> None:
+            reporter, self._reporter = self._reporter, None
+            job, self._job = self._job, None
+            if reporter is None:
+                return
+            atexit.unregister(self._close_at_exit)
+            if job is not None:
+                job_exc = exc or RuntimeError("Hydra ended before the job reported its end")
+                job.__exit__(type(job_exc), job_exc, job_exc.__traceback__)
+            if exc is None:
+                reporter.__exit__(None, None, None)
+            else:
+                reporter.__exit__(type(exc), exc, exc.__traceback__)
+
+        def _close_at_exit(self) -> None:
+            # A failed job makes the sweeper raise once its launch returns, so
+            # on_multirun_end never comes. The batch fails with the first failed job's
+            # exception, known here when jobs ran in this process.
+            exc = self._failure or getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+            if not isinstance(exc, BaseException):
+                exc = RuntimeError("Hydra ended before the end of the run: a job or the sweeper raised")
+            try:
+                self._close(exc)
+            except Exception as error:
+                _log("warning", "argus: could not close the open batch at exit: %r", error)
+
+        def _job_id(self, config) -> str:
+            num = OmegaConf.select(config, "hydra.job.num", default=None)
+            num = 0 if num is None else num  # RUN mode leaves it unset
+            job_id = None
+            try:
+                if self.job_id_key:
+                    value = OmegaConf.select(config, self.job_id_key, default=None)
+                    job_id = None if value is None else str(value)
+                elif self.job_id_template:
+                    fields = {}
+                    for key in config:
+                        if key == "hydra":
+                            continue
+                        try:
+                            value = config[key]
+                        except Exception:  # ??? or a failing interpolation
+                            continue
+                        if value is None or isinstance(value, (str, int, float, bool)):
+                            fields[str(key)] = value
+                    fields["job_num"] = num
+                    job_id = self.job_id_template.format(**fields)
+            except Exception as exc:
+                _log("warning", "argus: no job id from the config (%r); using job number %s", exc, num)
+            return (job_id or str(num))[:256]
+
+        # A launcher that runs the job in another process (joblib, submitit) calls
+        # on_job_start/on_job_end there, on an unpickled copy: the job reports into the
+        # batch opened by the launching process, through a sender of its own.
+        def _start_remote_job(self, job_id, line) -> None:
+            set_batch_id(self._batch_id)  # emit() and sub_env() in the task, as in-process
+            os.environ.setdefault("ARGUS_PROJECT", self.project)
+            os.environ["ARGUS_JOB_ID"] = job_id
+            sender = ExperimentReporter(
+                self.argus_url, self.project, auth_token=self.token, batch_id=self._batch_id
+            )
+            sender.job_start(job_id)
+            if line:
+                sender.log_line(job_id, line)
+            self._remote = (sender, job_id, _mono())
+
+        def _end_remote_job(self, exc, metrics) -> None:
+            (sender, job_id, t0), self._remote = self._remote, None
+            os.environ.pop("ARGUS_JOB_ID", None)
+            elapsed = round(_mono() - t0, 3)
+            if exc is None:
+                sender.job_done(job_id, metrics=metrics or None, elapsed_s=elapsed)
+            else:
+                sender.job_failed(job_id, reason=_reason(type(exc), exc), elapsed_s=elapsed)
+            sender.close(DRAIN_S)
+
+    return ArgusCallback
+
+
+# The Python that imports argus as a module gives its __spec__ a ModuleSpec: reuse the class
+# rather than import importlib at import time (`python argus.py` has none).
+_ModuleSpec = type(__spec__) if __spec__ is not None else None
+
+
+class _IntegrationModule(type(sys)):  # type(sys) is types.ModuleType, without importing types
+    """``argus.integrations`` or one of its modules; ``ArgusCallback`` is built on first access."""
+
+    def __init__(self, name: str, doc: str, builder=None):
+        super().__init__(name, doc)
+        self.__spec__ = _ModuleSpec(name, None) if _ModuleSpec is not None else None
+        self._builder = builder
+        self._build_lock = threading.Lock()
+        if builder is not None:
+            self.__all__ = ["ArgusCallback"]
+
+    def __getattr__(self, name: str):
+        if name == "ArgusCallback" and self._builder is not None:
+            with self._build_lock:
+                cls = self.__dict__.get("ArgusCallback")
+                if cls is None:
+                    cls = self._builder()  # ImportError naming the extra when the framework is missing
+                    cls.__module__ = self.__name__  # pickle finds it again by this path
+                    cls.__qualname__ = "ArgusCallback"
+                    self.ArgusCallback = cls
+            return cls
+        raise AttributeError("module %r has no attribute %r" % (self.__name__, name))
+
+    def __dir__(self):
+        names = set(super().__dir__())
+        if self._builder is not None:
+            names.add("ArgusCallback")
+        return sorted(names)
+
+
+def _register_integrations() -> _IntegrationModule:
+    package = _IntegrationModule(
+        __name__ + ".integrations",
+        "Callbacks for Lightning, Keras and Hydra; each framework is imported on first use.",
+    )
+    builders = {
+        "lightning": _build_lightning_callback,
+        "keras": _build_keras_callback,
+        "hydra": _build_hydra_callback,
+    }
+    for name, builder in builders.items():
+        module = _IntegrationModule(
+            "%s.%s" % (package.__name__, name),
+            "ArgusCallback for %s (pip install 'argus-reporter[%s]')." % _INTEGRATIONS[name],
+            builder,
+        )
+        setattr(package, name, module)
+        sys.modules[module.__name__] = module
+    sys.modules[package.__name__] = package
+    return package
+
+
+integrations = _register_integrations()
+
+
+# ---------------------------------------------------------------------------------------
 # Local collector (`argus serve`, `argus demo`)
 # ---------------------------------------------------------------------------------------
 # A small Argus-compatible server for trying the SDK and for users' tests. It answers the
