@@ -4584,6 +4584,10 @@ def _cmd_status(args) -> int:
             "environment (%s)" % ENV_SPILL_DIR if os.environ.get(ENV_SPILL_DIR) else "default"
         ),
         "offline": offline,
+        "offline_source": (
+            "environment (%s)" % ENV_OFFLINE if _env_flag(ENV_OFFLINE)
+            else "environment (%s)" % ENV_MODE if offline else "default"
+        ),
         "disabled": _env_flag(ENV_DISABLE),
         "backlog": store.backlog(),
         "server": None,
@@ -4599,7 +4603,7 @@ def _cmd_status(args) -> int:
             ("token", report["token"] or "-", report["token_source"]),
             ("transport", report["transport"], report["transport_source"]),
             ("spill dir", store.directory, report["spill_dir_source"]),
-            ("offline", "yes" if offline else "no", "%s / %s" % (ENV_OFFLINE, ENV_MODE)),
+            ("offline", "yes" if offline else "no", report["offline_source"]),
             ("disabled", "yes" if report["disabled"] else "no", ENV_DISABLE),
         ]
         b = report["backlog"]
