@@ -554,6 +554,9 @@ _DEAD_LETTER = "deadletter.jsonl"
 _PENDING_UPLOADS = "pending-uploads.jsonl"
 
 
+_spill_counts = {}  # directory -> [spilled, refused] by this process's senders: the exit summary
+
+
 def _lock_nb(fd: int) -> bool:
     if _fcntl is None:
         return True
@@ -585,6 +588,7 @@ class SpillStore:
         self.spilled = 0  # events this process wrote
         self.dropped = 0  # events refused because the directory is at its cap
         self.rejected = 0  # events set aside in the dead-letter file
+        self.summarise = False  # a worker's store: its spills are summed up at exit
         self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
         self._fh = None
         self._path = None
@@ -642,6 +646,7 @@ class SpillStore:
                     self._total = self._dir_bytes()  # others may have replayed meanwhile
                     if self._total + size > self.max_bytes:
                         self.dropped += len(lines)
+                        self._note(dropped=len(lines))
                         _log(
                             "error",
                             "argus: the spill directory %s is at its cap of %d MB: %d event(s) "
@@ -660,14 +665,23 @@ class SpillStore:
                 self._fh.flush()
             except OSError as exc:
                 self.dropped += len(lines)
+                self._note(dropped=len(lines))
                 _log("error", "argus: cannot write to %s: %s", self.directory, exc)
                 return 0
             self._total += size
             self._written += size
             self.spilled += len(lines)
+            self._note(spilled=len(lines))
             if self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s:
                 self.rotate()
             return len(lines)
+
+    def _note(self, spilled: int = 0, dropped: int = 0) -> None:
+        # counted per directory, not per store: senders close (and leave _live) before atexit
+        if self.summarise:
+            counts = _spill_counts.setdefault(self.directory, [0, 0])
+            counts[0] += spilled
+            counts[1] += dropped
 
     def rotate(self) -> None:
         """Close the open file so that it can be replayed (by this or another process)."""
@@ -1265,6 +1279,7 @@ class ExperimentReporter:
             if spill_path.endswith(_SPILL_SUFFIX):
                 spill_path = os.path.dirname(spill_path) or "."
         self.spill = SpillStore(spill_path)
+        self.spill.summarise = _worker and not self._offline  # not the CLI, nor offline mode
         self._qmax = max(1, int(queue_size))
         self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
         self._reset_runtime()
@@ -1588,6 +1603,7 @@ class ExperimentReporter:
         return event_id, line
 
     def _run(self) -> None:
+        _worker_imports()
         try:
             self._loop()
         except BaseException as exc:  # the worker must never die silently
@@ -2835,6 +2851,7 @@ def _on_sigterm(signum, frame) -> None:
 def _after_fork_in_child() -> None:
     global _state_lock
     _state_lock = threading.Lock()
+    _spill_counts.clear()  # the parent sums up its own spills
     if _rng is not None:
         _rng.seed()  # the child must not draw the parent's event ids
     for sender in list(_live):
@@ -2843,33 +2860,59 @@ def _after_fork_in_child() -> None:
         reporter._after_fork()
 
 
+_imports_done = threading.Event()  # the worker's lazy imports are complete (see _before_fork)
+
+
+def _worker_imports() -> None:
+    """Import, once, the modules the delivery worker needs, at the top of its thread."""
+    if _imports_done.is_set():
+        return
+    try:
+        _dumps("")
+        _loads("0")
+        _uuid4()
+        import http.client  # noqa: F401
+        import socket  # noqa: F401
+        import subprocess  # noqa: F401
+        from urllib.parse import urlsplit  # noqa: F401
+
+        if _transport_name() == "requests":
+            import requests  # noqa: F401
+    except Exception:
+        pass
+    finally:
+        _imports_done.set()
+
+
+def _before_fork() -> None:
+    # A module that the worker thread is importing when the process forks stays half-made in
+    # the child's sys.modules (json, requests...), and the child's worker dies on it. Let the
+    # worker's first imports finish before forking: a fraction of a second, once per process.
+    if _live and not _imports_done.is_set():
+        _imports_done.wait(2.0)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _at_exit() -> None:
     """Bounded flush of every open sender for code that never closed its Reporter."""
-    senders = list(_live)
-    for sender in senders:
+    for sender in list(_live):
         try:
             sender.close(DRAIN_S)
         except Exception:
             pass
-    stores = {}
-    for sender in senders:
-        store = sender.spill
-        if store.spilled or store.dropped:
-            stores[store.directory] = store
-    for store in stores.values():
-        waiting = store.backlog()["events"]
+    for directory, (spilled, dropped) in list(_spill_counts.items()):
+        waiting = SpillStore(directory).backlog()["events"]
         message = "argus: %d event(s) could not be delivered during this run and were saved to %s" % (
-            store.spilled,
-            store.directory,
+            spilled,
+            directory,
         )
         if waiting:
             message += "; %d wait there now: they are sent at the next start or by `python -m argus sync`" % waiting
-        if store.dropped:
-            message += "; %d could not be saved (spill cap or disk error)" % store.dropped
+        if dropped:
+            message += "; %d could not be saved (spill cap or disk error)" % dropped
         _log("warning", message)
 
 
