@@ -61,6 +61,9 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     yield spill
+    import argus
+
+    argus._spill_counts.clear()  # spills of in-process tests: no exit summary after pytest's
 
 
 @pytest.fixture

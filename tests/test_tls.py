@@ -15,11 +15,12 @@ from conftest import FakeArgus
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
-@pytest.fixture
-def tls_fake(tmp_path):
-    """FakeArgus behind TLS with a certificate for 127.0.0.1 from a throwaway CA."""
-    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.pem"
-    key, csr, crt, ext = tmp_path / "srv.key", tmp_path / "srv.csr", tmp_path / "srv.pem", tmp_path / "ext"
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (made once per module)."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca_key, ca_crt = folder / "ca.key", folder / "ca.pem"
+    key, csr, crt, ext = folder / "srv.key", folder / "srv.csr", folder / "srv.pem", folder / "ext"
     run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
         "-days", "2", "-subj", "/CN=argus test CA")
@@ -27,15 +28,22 @@ def tls_fake(tmp_path):
     ext.write_text("subjectAltName=IP:127.0.0.1\n")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
         "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    return str(ca_crt), str(crt), str(key)
+
+
+@pytest.fixture
+def tls_fake(certificates):
+    """FakeArgus behind TLS with the certificate above."""
+    ca_crt, crt, key = certificates
     server = FakeArgus()
     server.server.shutdown()  # restart the same server with TLS on its socket
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(crt), str(key))
+    context.load_cert_chain(crt, key)
     server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
     thread = threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     server.url = server.url.replace("http://", "https://")
-    yield server, str(ca_crt)
+    yield server, ca_crt
     server.close()
 
 
