@@ -245,6 +245,20 @@ def bench_epoch(harness: Harness, client: Client, calls: int,
     }
 
 
+def bench_daemons(harness: Harness, client: Client) -> Dict[str, Any]:
+    sandbox = harness.sandbox()
+    with argus_server() as (url, _stats):
+        result = harness.run_client(client, sandbox, harness.client_args("daemons", url))
+    if "error" in result:
+        return {"daemons_error": result["error"]}
+    figures = {"daemons_exit_ms": result["daemons_exit_s"] * 1e3}
+    if "sample_p50_ns" in result:
+        figures.update(sample_p50_ms=result["sample_p50_ns"] / 1e6,
+                       sample_max_ms=result["sample_max_ns"] / 1e6,
+                       sample_fields=len(result["sample_keys"]))
+    return figures
+
+
 def bench_burst(harness: Harness, client: Client, events: int, slow_ms: float,
                 prefix: str) -> Dict[str, Any]:
     sandbox = harness.sandbox()
@@ -304,6 +318,8 @@ def measure(harness: Harness, client: Client, opts: argparse.Namespace) -> Dict[
     log("epoch() cost")
     figures.update(bench_epoch(harness, client, opts.events,
                                opts.amortised_calls, opts.amortised_reps))
+    log("resource sample and daemon exit")
+    figures.update(bench_daemons(harness, client))
     log("burst of %d" % opts.events)
     figures.update(bench_burst(harness, client, opts.events, 0.0, "burst_"))
     if opts.slow_ms > 0:
@@ -320,6 +336,9 @@ _ROWS = [
     ("epoch_p50_us", "job.epoch p50 (us)", "<= 2", "{:.2f}"),
     ("epoch_p99_us", "job.epoch p99 (us)", "<= 10", "{:.2f}"),
     ("epoch_amortised_us", "job.epoch amortised (us)", "", "{:.2f}"),
+    ("sample_p50_ms", "resource sample, no GPU (ms, p50)", "<= 5", "{:.2f}"),
+    ("sample_fields", "  fields in a sample", "", "{:.0f}"),
+    ("daemons_exit_ms", "exit with all 3 daemons on (ms)", "", "{:.1f}"),
 ]
 _BURST_ROWS = [
     ("emitted", "events emitted", "", "{:,.0f}"),

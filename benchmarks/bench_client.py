@@ -7,6 +7,7 @@ It prints one line ``BENCH_RESULT <json>`` on stdout and nothing else there.
     python bench_client.py import
     python bench_client.py epoch URL --calls 20000 --amortised-calls 10000 --amortised-reps 5
     python bench_client.py burst URL --events 20000
+    python bench_client.py daemons URL --samples 200
 
 Standard library only, Python 3.8+.
 """
@@ -160,6 +161,51 @@ def measure_burst(url: str, token: Optional[str], events: int) -> Dict[str, Any]
     return result
 
 
+def _resource_sampler(argus: Any) -> Any:
+    """The client's own resource-sampling function, or None if it has none we know."""
+    sampler_class = getattr(argus, "_ResourceSampler", None)
+    if sampler_class is not None:
+        return sampler_class().sample
+    try:
+        from argus import context  # the upstream package's module
+    except ImportError:
+        return None
+    return getattr(context, "_collect_snapshot", None)
+
+
+def measure_daemons(url: str, token: Optional[str], samples: int) -> Dict[str, Any]:
+    """Cost of one resource sample, and exit latency with all three daemon threads on."""
+    import argus
+
+    result: Dict[str, Any] = {}
+    sample = _resource_sampler(argus)
+    if sample is not None:
+        sample()  # the first one sets up (and primes CPU deltas)
+        costs = []
+        for _ in range(samples):
+            time.sleep(0.02)  # real samples are 30 s apart: let the CPU counters move
+            t0 = time.perf_counter_ns()
+            fields = sample()
+            costs.append(time.perf_counter_ns() - t0)
+        costs.sort()
+        result.update(sample_p50_ns=_percentile(costs, 50), sample_max_ns=costs[-1],
+                      sample_keys=sorted(fields))
+    reporter = argus.Reporter(batch_prefix="bench", source_project="bench", heartbeat=True,
+                              stop_polling=True, resource_snapshot=True, monitor_url=url,
+                              token=token)
+    reporter.__enter__()
+    job = reporter.job("job-1").__enter__()
+    for i in range(10):
+        job.epoch(i, train_loss=0.5, val_loss=0.6, lr=1e-3)
+    time.sleep(0.5)  # the daemons are waiting in their intervals
+    t0 = time.perf_counter()
+    job.__exit__(None, None, None)
+    reporter.__exit__(None, None, None)
+    result["daemons_exit_s"] = time.perf_counter() - t0
+    result.update(_client_identity(argus))
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="argus benchmark client")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -174,6 +220,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     burst.add_argument("url")
     burst.add_argument("--token")
     burst.add_argument("--events", type=int, default=20000)
+    daemons = sub.add_parser("daemons")
+    daemons.add_argument("url")
+    daemons.add_argument("--token")
+    daemons.add_argument("--samples", type=int, default=50)
     args = parser.parse_args(argv)
 
     if args.mode == "import":
@@ -181,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     elif args.mode == "epoch":
         result = measure_epoch(args.url, args.token, args.calls,
                                args.amortised_calls, args.amortised_reps)
+    elif args.mode == "daemons":
+        result = measure_daemons(args.url, args.token, args.samples)
     else:
         result = measure_burst(args.url, args.token, args.events)
     _emit_result(result)
