@@ -491,7 +491,34 @@ def _process_command() -> str:
         args = [os.path.basename(sys.executable or "python")] + list(sys.argv)
     import shlex
 
-    return _truncate(" ".join(shlex.quote(a) for a in args), 4000)
+    return _truncate(" ".join(shlex.quote(a) for a in _scrub_args(args)), 4000)
+
+
+def _scrub_args(args: list) -> list:
+    """Hide secrets given on the command line (``--token X``, ``password=X``, em_live_ tokens)."""
+    import re
+
+    def is_secret(name: str) -> bool:
+        name = name.lstrip("-").lower()
+        words = set(re.split(r"[-_.]", name))
+        return bool(words & _SECRET_WORDS) or any(k in name for k in ("apikey", "api_key", "api-key"))
+
+    out, hide_next = [], False
+    for arg in args:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _value = arg.partition("=")
+        if eq and is_secret(name):
+            arg = name + "=***"
+        elif arg.startswith("-") and is_secret(arg):
+            hide_next = True
+        out.append(re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", arg))
+    return out
+
+
+_SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials"))
 
 
 _SOURCE_CACHE = {}

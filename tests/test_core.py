@@ -560,3 +560,20 @@ def test_events_after_close_are_spilled_not_lost(fake, spill_dir):
     job.log("after the batch ended")
     events = spilled_events(spill_dir)
     assert [e["event_type"] for e in events] == ["log_line"]
+
+
+def test_secrets_on_the_command_line_are_not_recorded(fake, tmp_path):
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import argus\n"
+        "with argus.Reporter(heartbeat=False, stop_polling=False, resource_snapshot=False):\n"
+        "    pass\n"
+    )
+    env = dict(os.environ, ARGUS_URL=fake.url, PYTHONPATH=str(Path(argus.__file__).parent))
+    args = ["--token", "em_live_SECRET1", "--api-key=SECRET2", "db.password=SECRET3", "--tokenizer", "bpe"]
+    subprocess.run([sys.executable, str(script), *args], env=env, check=True, timeout=60)
+    command = fake.of_type("batch_start")[0]["data"]["command"]
+    assert "SECRET" not in json.dumps(list(fake.events.values()))
+    assert command.endswith("train.py --token '***' '--api-key=***' 'db.password=***' --tokenizer bpe")
