@@ -87,3 +87,75 @@ def test_a_missing_ca_bundle_file_is_a_logged_network_failure_not_a_crash(tls_fa
         rep.batch_start("t", 1)
     assert rep.spill.spilled == 1  # kept for later, the worker survived
     assert any("/nonexistent/ca.pem" in r.getMessage() for r in caplog.records)
+
+
+class _TunnelProxy:
+    """A CONNECT proxy on 127.0.0.1 that records the targets it tunnels to."""
+
+    def __init__(self):
+        import select
+        import socket
+        import socketserver
+
+        self.targets = []
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                method, target = head.split(b" ")[:2]
+                if method != b"CONNECT":
+                    self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                    return
+                proxy.targets.append(target.decode())
+                host, port = target.decode().rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+                self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                sockets = [self.request, upstream]
+                try:
+                    while True:
+                        readable, _, _ = select.select(sockets, [], [], 10)
+                        if not readable:
+                            return
+                        for sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            (upstream if sock is self.request else self.request).sendall(data)
+                finally:
+                    upstream.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("transport", ["urllib", "requests"])
+def test_https_goes_through_a_connect_proxy(tls_fake, monkeypatch, transport):
+    if transport == "requests":
+        pytest.importorskip("requests")
+    server, ca = tls_fake
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = _TunnelProxy()
+    try:
+        monkeypatch.setenv("ARGUS_TRANSPORT", transport)
+        monkeypatch.setenv("ARGUS_CA_BUNDLE", ca)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        with argus.ExperimentReporter(server.url, "proxied") as rep:
+            rep.batch_start("t", 1)
+            rep.job_start("j")
+    finally:
+        proxy.close()
+    assert proxy.targets and set(proxy.targets) == {server.url.replace("https://", "")}
+    assert len(server.of_type("batch_start")) == 1 and len(server.of_type("job_start")) == 1
