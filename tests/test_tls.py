@@ -22,10 +22,19 @@ def certificates(tmp_path_factory):
     ca_key, ca_crt = folder / "ca.key", folder / "ca.pem"
     key, csr, crt, ext = folder / "srv.key", folder / "srv.csr", folder / "srv.pem", folder / "ext"
     run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    # RFC 5280 extensions: Python 3.13 verifies strictly (VERIFY_X509_STRICT) and refuses a CA
+    # without keyUsage or a leaf without authorityKeyIdentifier.
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
-        "-days", "2", "-subj", "/CN=argus test CA")
+        "-days", "2", "-subj", "/CN=argus test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
         "-out", str(crt), "-days", "2", "-extfile", str(ext))
     return str(ca_crt), str(crt), str(key)
