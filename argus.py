@@ -2762,11 +2762,12 @@ class JobContext:
         self, epoch: int, *, train_loss=None, val_loss=None, lr=None, batch_time_ms=None, **extra
     ) -> None:
         """Emit one ``job_epoch`` event (None values are left out)."""
+        # The hot path of every training loop: ExperimentReporter._submit inlined.
         sender = self._sender
-        if sender is None:
-            return self._not_entered()
+        if sender is None or sender._slow or extra:
+            return self._epoch(epoch, train_loss, val_loss, lr, batch_time_ms, extra)
         self._epochs += 1
-        data = {"epoch": epoch if type(epoch) is int else _epoch_number(epoch)}
+        data = {"epoch": epoch}
         if train_loss is not None:
             data["train_loss"] = train_loss
         if val_loss is not None:
@@ -2775,8 +2776,33 @@ class JobContext:
             data["lr"] = lr
         if batch_time_ms is not None:
             data["batch_time_ms"] = batch_time_ms
-        if extra:
-            data.update({k: v for k, v in extra.items() if v is not None})
+        for value in data.values():
+            if type(value) not in _PLAIN_TYPES:
+                data = _jsonable(data)
+                data["epoch"] = _epoch_number(epoch)
+                break
+        queue = sender._queue
+        if len(queue) >= sender._qmax:
+            return sender._overflow(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
+        queue.append(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
+        if sender._idle:
+            sender._wake()
+
+    def _epoch(self, epoch, train_loss, val_loss, lr, batch_time_ms, extra) -> None:
+        sender = self._sender
+        if sender is None:
+            return self._not_entered()
+        self._epochs += 1
+        data = {"epoch": _epoch_number(epoch)}
+        for key, value in (
+            ("train_loss", train_loss),
+            ("val_loss", val_loss),
+            ("lr", lr),
+            ("batch_time_ms", batch_time_ms),
+        ):
+            if value is not None:
+                data[key] = value
+        data.update({k: v for k, v in extra.items() if v is not None})
         sender._submit("job_epoch", self._job_id, data)
 
     def metrics(self, m: dict) -> None:
