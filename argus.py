@@ -455,19 +455,23 @@ def _uuid4() -> str:
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
-_ts_cache = (-1, "")  # (second, its formatted prefix), replaced whole: safe across threads
+_ts_cache = (-1, "", -1, "")  # (second, its prefix, millisecond, its stamp): replaced whole
 
 
 def _format_ts(ts: float) -> str:
     """ISO 8601 UTC, fixed width with milliseconds: the server sorts timestamps as strings."""
     global _ts_cache
-    secs = int(ts)
-    cached_secs, prefix = _ts_cache
-    if cached_secs != secs:
+    ms = int(ts * 1000)
+    cached_secs, prefix, cached_ms, stamp = _ts_cache
+    if ms == cached_ms:  # a burst: many events inside one millisecond
+        return stamp
+    secs = ms // 1000
+    if secs != cached_secs:
         t = time.gmtime(secs)
         prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % (t[0], t[1], t[2], t[3], t[4], t[5])
-        _ts_cache = (secs, prefix)
-    return "%s.%03dZ" % (prefix, min(999, int((ts - secs) * 1000)))
+    stamp = "%s.%03dZ" % (prefix, ms - secs * 1000)
+    _ts_cache = (secs, prefix, ms, stamp)
+    return stamp
 
 
 def _reason(exc_type, exc) -> str:
