@@ -304,6 +304,23 @@ def fake():
     server.close()
 
 
+def serve_ingest(httpserver) -> str:
+    """Make pytest-httpserver accept both ingest routes as Argus does; return its base URL."""
+    from werkzeug.wrappers import Response
+
+    def one(request):
+        return Response(json.dumps({"accepted": True, "event_id": 1, "deduplicated": False}), 200)
+
+    def batch(request):
+        events = json.loads(request.get_data())["events"]
+        results = [{"event_id": e["event_id"], "status": "accepted", "db_id": 1, "error": None} for e in events]
+        return Response(json.dumps({"accepted": len(events), "rejected": 0, "results": results}), 200)
+
+    httpserver.expect_request("/api/events", method="POST").respond_with_handler(one)
+    httpserver.expect_request("/api/events/batch", method="POST").respond_with_handler(batch)
+    return httpserver.url_for("/").rstrip("/")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

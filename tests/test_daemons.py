@@ -21,7 +21,7 @@ import time
 import pytest
 
 import argus
-from conftest import spilled_events, validate_event
+from conftest import serve_ingest, spilled_events, validate_event
 
 LINUX_PROC = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
 
@@ -100,22 +100,11 @@ def test_stop_after_429_is_still_seen(fake):
 
 def _serve_ingest(httpserver, stop_handler):
     """pytest-httpserver as an Argus server: ingest accepted, the stop route by ``stop_handler``."""
-    from werkzeug.wrappers import Response
-
-    def one(request):
-        return Response(json.dumps({"accepted": True, "event_id": 1, "deduplicated": False}), 200)
-
-    def batch(request):
-        events = json.loads(request.get_data())["events"]
-        results = [{"event_id": e["event_id"], "status": "accepted", "db_id": 1, "error": None} for e in events]
-        return Response(json.dumps({"accepted": len(events), "rejected": 0, "results": results}), 200)
-
-    httpserver.expect_request("/api/events", method="POST").respond_with_handler(one)
-    httpserver.expect_request("/api/events/batch", method="POST").respond_with_handler(batch)
+    url = serve_ingest(httpserver)
     httpserver.expect_request(re.compile(r"^/api/batches/[^/]+/stop-requested$"), method="GET").respond_with_handler(
         stop_handler
     )
-    return httpserver.url_for("/").rstrip("/")
+    return url
 
 
 def test_stop_poller_waits_out_retry_after_of_a_429(httpserver):

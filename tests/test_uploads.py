@@ -13,7 +13,7 @@ import time
 import pytest
 
 import argus
-from conftest import free_port
+from conftest import free_port, serve_ingest
 
 
 def quiet_reporter(url, **kwargs):
@@ -279,22 +279,11 @@ def test_auto_upload_dirs_takes_a_single_path_and_is_skipped_when_the_batch_fail
 
 def _serve_ingest(httpserver, artifact_handler):
     """pytest-httpserver as an Argus server: ingest accepted, artifact routes by ``artifact_handler``."""
-    from werkzeug.wrappers import Response
-
-    def one(request):
-        return Response(json.dumps({"accepted": True, "event_id": 1, "deduplicated": False}), 200)
-
-    def batch(request):
-        events = json.loads(request.get_data())["events"]
-        results = [{"event_id": e["event_id"], "status": "accepted", "db_id": 1, "error": None} for e in events]
-        return Response(json.dumps({"accepted": len(events), "rejected": 0, "results": results}), 200)
-
-    httpserver.expect_request("/api/events", method="POST").respond_with_handler(one)
-    httpserver.expect_request("/api/events/batch", method="POST").respond_with_handler(batch)
+    url = serve_ingest(httpserver)
     httpserver.expect_request(re.compile(r"^/api/(jobs|batches)/[^/]+/artifacts$"), method="POST").respond_with_handler(
         artifact_handler
     )
-    return httpserver.url_for("/").rstrip("/")
+    return url
 
 
 def test_a_server_without_batch_artifacts_is_logged_once(httpserver, tmp_path, caplog, monkeypatch):
