@@ -2930,9 +2930,11 @@ def _worker_imports() -> None:
         _uuid4()
         import http.client  # noqa: F401
         import socket  # noqa: F401
+        import ssl  # noqa: F401
         import subprocess  # noqa: F401
         from urllib.parse import urlsplit  # noqa: F401
 
+        "localhost".encode("idna")  # the codec the first connect looks up (encodings.idna)
         if _transport_name() == "requests":
             import requests  # noqa: F401
     except Exception:
