@@ -1445,7 +1445,9 @@ class ExperimentReporter:
         )
 
     def batch_failed(self, reason: str | None = None, **extra) -> None:
-        self._event("batch_failed", None, reason=_truncate(str(reason or "unknown")), **extra)
+        # The server reads the cause from `error`; `reason` carries the same text for older readers.
+        text = _truncate(str(reason or "unknown"))
+        self._event("batch_failed", None, error=text, reason=text, **extra)
 
     def job_start(self, job_id: str, model=None, dataset=None, **extra) -> None:
         _check_job_id(job_id)
@@ -1484,6 +1486,7 @@ class ExperimentReporter:
             "job_failed",
             job_id,
             status="FAILED",
+            error=_truncate(str(reason or "unknown")),
             reason=_truncate(str(reason or "unknown")),
             elapsed_s=elapsed_s,
             **extra,
@@ -4401,7 +4404,7 @@ class _Collector:
         elif kind in ("batch_done", "batch_failed"):
             status = "DONE" if kind == "batch_done" else "FAILED"
             db.execute("UPDATE batches SET status = ?, ended_at = ?, reason = ? WHERE batch_id = ?",
-                       (status, timestamp, _sql_value(data.get("reason")), batch_id))
+                       (status, timestamp, _sql_value(data.get("error", data.get("reason"))), batch_id))
         elif kind == "env_snapshot":  # the first one wins, as upstream
             db.execute("UPDATE batches SET env = ? WHERE batch_id = ? AND env IS NULL",
                        (_json_module().dumps(data), batch_id))
@@ -4419,7 +4422,7 @@ class _Collector:
                 " reason = ?, ended_at = ? WHERE batch_id = ? AND job_id = ?",
                 ("DONE" if kind == "job_done" else "FAILED", metrics,
                  _sql_value(data.get("elapsed_s")), _sql_value(data.get("train_epochs")),
-                 _sql_value(data.get("reason")), timestamp) + keys)
+                 _sql_value(data.get("error", data.get("reason"))), timestamp) + keys)
         elif kind == "job_epoch":
             db.execute("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", keys + tuple(
                 _sql_value(data.get(key)) for key in ("epoch", "train_loss", "val_loss", "lr")
