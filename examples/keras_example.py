@@ -1,8 +1,11 @@
 """Report a Keras training run to Argus: one batch holding one job, one event per epoch.
 
-    pip install 'argus-reporter[keras]' torch   # or jax, or tensorflow
-    export KERAS_BACKEND=torch ARGUS_URL=http://localhost:8000 ARGUS_TOKEN=em_live_...
-    python examples/keras_example.py
+From the root of a clone:
+
+    pip install '.[keras]' torch               # or jax, or tensorflow, as the backend
+    export KERAS_BACKEND=torch
+    export ARGUS_URL=http://127.0.0.1:8765     # `python3 argus.py serve`, or your server and ARGUS_TOKEN
+    python3 examples/keras_example.py
 
 Without ARGUS_URL the run still trains; argus logs one warning and records nothing.
 """

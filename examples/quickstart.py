@@ -1,7 +1,10 @@
 """Two `with` blocks around a training loop.
 
-    export ARGUS_URL=http://127.0.0.1:8765      # e.g. `python -m argus serve` in another shell
-    PYTHONPATH=. python examples/quickstart.py  # or after `pip install argus-reporter`
+From the root of a clone:
+
+    python3 argus.py serve                       # a local collector; in another shell
+    export ARGUS_URL=http://127.0.0.1:8765
+    PYTHONPATH=. python3 examples/quickstart.py  # no PYTHONPATH needed after `pip install .`
 """
 
 import math
@@ -15,7 +18,7 @@ with Reporter(source_project="quickstart", experiment_type="toy", n_total=2) as 
         with r.job("toy_lr%g" % lr, model="toy", dataset="synthetic") as job:
             loss = 1.0
             for epoch in range(20):
-                if job.stopped:  # Stop button in the UI (or `python -m argus stop BATCH_ID`)
+                if job.stopped:  # Stop button in the UI (or `python3 -m argus stop BATCH_ID`)
                     job.log("stopped from the UI at epoch %d" % epoch, level="WARNING")
                     break
                 loss *= 0.9 + random.random() * 0.05

@@ -1,12 +1,15 @@
 """A Hydra app reported to Argus: one batch per run or sweep, one job per Hydra job.
 
-    pip install 'argus-reporter[hydra]'
-    export ARGUS_URL=http://localhost:8000 ARGUS_TOKEN=em_live_...
-    python examples/hydra_example/main.py                       # one batch with one job
-    python examples/hydra_example/main.py -m lr=0.05,0.1,0.5    # one batch with three jobs
+From the root of a clone:
+
+    pip install '.[hydra]'
+    export ARGUS_URL=http://127.0.0.1:8765     # `python3 argus.py serve`, or your server and ARGUS_TOKEN
+    python3 examples/hydra_example/main.py                      # one batch with one job
+    python3 examples/hydra_example/main.py -m lr=0.05,0.1,0.5   # one batch with three jobs
 
 The callback is enabled in conf/config.yaml (hydra.callbacks.argus). Without ARGUS_URL
-the app still runs; argus logs one warning and records nothing.
+the app still runs; argus logs one warning and records nothing. Hydra writes its
+outputs/ and multirun/ folders in the current directory.
 """
 
 import random
