@@ -74,7 +74,8 @@ DEFAULT_HEARTBEAT_S = 300.0
 DEFAULT_STOP_POLL_S = 10.0
 DEFAULT_RESOURCE_S = 30.0
 THREAD_JOIN_S = 2.0  # Reporter.__exit__ waits at most this long for each daemon thread
-DRAIN_S = 3.0  # ... and at most this long for the queue to drain
+DRAIN_S = 3.0  # ... and at most this long for the queue to drain (ARGUS_DRAIN_S: longer)
+JOURNAL_AFTER_S = 1.0  # an event the server has not acknowledged is on disk after this long
 
 MAX_BATCH_EVENTS = 500  # the server's limit per /api/events/batch request
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # keep request bodies bounded
@@ -83,6 +84,10 @@ _MAX_EVENT_CHARS = 64 * 1024  # an encoded event above this is re-encoded with t
 _MAX_DEPTH = 16  # nesting depth of values kept as structures
 
 RETRY_ATTEMPTS = 5  # 5xx / network failures before a chunk is spilled
+TARGET_REQUEST_S = 1.5  # requests are sized so that the server answers in about this long
+MIN_BATCH_EVENTS = 10  # ... but never smaller than this
+REQUEST_TIMEOUT_MAX_S = 120.0  # the timeout grows with what a request carries, up to this
+PACE_MAX_S = 30.0  # after 429s, the gap between requests grows up to this
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0  # cap of the backoff between probes of a down server
 RETRY_AFTER_CAP_S = 60.0  # a 429's Retry-After is honoured up to this
@@ -103,6 +108,9 @@ ENV_QUEUE_SIZE = "ARGUS_QUEUE_SIZE"  # in-memory queue bound of a Reporter, in e
 ENV_HANDLE_SIGTERM = "ARGUS_HANDLE_SIGTERM"  # 0 leaves SIGTERM alone
 ENV_ALL_RANKS = "ARGUS_ALL_RANKS"  # 1: every DDP/SLURM rank reports, not only rank 0
 ENV_OFFLINE = "ARGUS_OFFLINE"  # 1: no network, every event goes to the spill store
+ENV_DURABLE = "ARGUS_DURABLE"  # 1: every event reaches the kernel before the call returns
+ENV_DRAIN_S = "ARGUS_DRAIN_S"  # seconds the exit may wait for delivery (default DRAIN_S)
+ENV_SYNC_ON_EXIT = "ARGUS_SYNC_ON_EXIT"  # 1: hand a backlog left at exit to a detached `argus sync`
 ENV_MODE = "ARGUS_MODE"  # "offline" is the same as ARGUS_OFFLINE=1
 
 DEFAULT_SPILL_MAX_MB = 1024.0
@@ -243,6 +251,8 @@ def _resolve_token(token: str | None = None) -> tuple:
             "Copy the em_live_... token again.",
             source,
         )
+    if token and len(token) >= 6:
+        _known_secrets.add(token)
     return (token or None), (source if token else None)
 
 
@@ -317,16 +327,30 @@ def _json_key(key) -> str:
 
 
 def _jsonable(value, _depth: int = 0):
-    """Return a JSON-safe copy of ``value`` (non-finite floats are kept; see _encode_data)."""
+    """Return a JSON-safe copy of ``value`` (non-finite floats are kept; see _encode_data).
+
+    Never raises: a value whose own methods fail (``__str__``, ``__float__``, ``items()``...)
+    becomes a ``<unconvertible ...>`` marker string, so the call that carries it returns and
+    the rest of its event is still sent.
+    """
     kind = type(value)
     if kind is str:
         return _truncate(value)
-    if value is None or kind is bool or kind is int or kind is float:
+    if value is None or kind is bool or kind is float:
         return value
+    if kind is int:
+        return value if -_BIG_INT < value < _BIG_INT else _big_int(value)
+    try:
+        return _convert(value, _depth)
+    except Exception as exc:  # a value whose own methods raise: RecursionError included
+        return _unconvertible(value, exc)
+
+
+def _convert(value, _depth: int):
     if _depth >= _MAX_DEPTH:
-        return _truncate(repr(value))
+        return _short_repr(value)
     if isinstance(value, dict):
-        return {_json_key(k): _jsonable(v, _depth + 1) for k, v in value.items()}
+        return {_json_key(k): _jsonable(v, _depth + 1) for k, v in dict.items(value)}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, _depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -338,11 +362,11 @@ def _jsonable(value, _depth: int = 0):
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):  # IntEnum, IntFlag and other int subclasses
-        return int(value)
+        return _jsonable(int.__index__(value), _depth)
     if isinstance(value, float):
-        return float(value)
+        return float.__float__(value)  # the float's own value, whatever the subclass overrides
     if isinstance(value, str):
-        return _truncate(str(value))
+        return _truncate(str.__getitem__(value, slice(None)))  # its characters, not its __str__
     if isinstance(value, (bytes, bytearray)):
         return _truncate(bytes(value).decode("utf-8", "replace"))
     # numpy scalars, 0-d arrays and 0-d torch tensors: their own item(), no import needed.
@@ -369,10 +393,54 @@ def _jsonable(value, _depth: int = 0):
             return float(value)
         except Exception:
             pass
+    return _truncate(str(value))
+
+
+# str(int) refuses more than 4,300 digits (Python 3.11+); such an int travels as a string.
+_BIG_INT = 10**4000
+
+
+def _big_int(value: int) -> str:
+    return "<int of %d bits: 0x%s>" % (value.bit_length(), _truncate("%x" % value, 64))
+
+
+def _short_repr(value) -> str:
+    """A value nested deeper than _MAX_DEPTH: its repr, bounded, or a marker."""
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return "<%s nested deeper than %d levels>" % (type(value).__name__, _MAX_DEPTH)
     try:
-        return _truncate(str(value))
+        return _truncate(repr(value), 1000)
+    except Exception as exc:
+        return _unconvertible(value, exc)
+
+
+def _unconvertible(value, exc) -> str:
+    try:
+        name = type(value).__name__
     except Exception:
-        return "<unprintable %s>" % type(value).__name__
+        name = "object"
+    return "<unconvertible %s: %s>" % (name, type(exc).__name__)
+
+
+def _text(value) -> str:
+    """``str(value)`` for log lines and reasons, never raising."""
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__getitem__(value, slice(None))
+    try:
+        text = str(value)
+        return text if type(text) is str else str.__getitem__(text, slice(None))
+    except Exception as exc:
+        return _unconvertible(value, exc)
+
+
+def _dumps_safe(value) -> str:
+    """Strict JSON of an already converted value; a value that still fails becomes a marker."""
+    try:
+        return _dumps(value)
+    except Exception as exc:
+        return _dumps(_unconvertible(value, exc))
 
 
 def _size(value) -> int:
@@ -401,22 +469,28 @@ def _replace_nonfinite(value, path: str, found: dict):
 
 
 def _encode_data(data: dict) -> str:
-    """Encode an event's data as strict JSON.
+    """Encode an event's data as strict JSON; never raises.
 
     A non-finite float travels as ``null`` in its place, and the event's data gains
     ``"nonfinite": {"<key path>": "NaN" | "Infinity" | "-Infinity"}`` so that nothing is lost.
     """
     try:
         text = _dumps(data)
-    except ValueError:
+    except ValueError:  # NaN/Infinity (or a huge int that skipped conversion)
         found = {}
         data = _replace_nonfinite(data, "", found)
-        data["nonfinite"] = found
-        text = _dumps(data)
-    except (TypeError, RecursionError):  # a value that skipped conversion
-        return _encode_data(_jsonable(data))
+        if found and isinstance(data, dict):
+            data["nonfinite"] = found
+        try:
+            text = _dumps(data)
+        except Exception:
+            text = _dumps_safe(_jsonable(data))
+    except Exception:  # a value that skipped conversion (RecursionError, TypeError...)
+        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
     if len(text) > _MAX_EVENT_CHARS:
-        text = _dumps(_replace_nonfinite(_jsonable(data), "", {}))
+        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
+    if not text.startswith("{"):  # data itself could not be encoded: keep a marker of it
+        text = _dumps({"unencodable": _jsonable(_loads(text))})
     return text
 
 
@@ -499,14 +573,9 @@ def _process_command() -> str:
 
 
 def _scrub_args(args: list) -> list:
-    """Hide secrets given on the command line (``--token X``, ``password=X``, em_live_ tokens)."""
-    import re
-
-    def is_secret(name: str) -> bool:
-        name = name.lstrip("-").lower()
-        words = set(re.split(r"[-_.]", name))
-        return bool(words & _SECRET_WORDS) or any(k in name for k in ("apikey", "api_key", "api-key"))
-
+    """Hide secrets on a command line: values of secret-named options (``--token X``,
+    ``--db-password=X``, ``--wandb-key X``, ``--auth X``, ``-p X``), passwords in URLs
+    (``postgresql://alice:***@db``), ``em_live_`` tokens and the configured token itself."""
     out, hide_next = [], False
     for arg in args:
         if hide_next:
@@ -514,15 +583,44 @@ def _scrub_args(args: list) -> list:
             hide_next = False
             continue
         name, eq, _value = arg.partition("=")
-        if eq and is_secret(name):
+        if arg.startswith("-") and _is_secret_option(name):
+            if eq:
+                arg = name + "=***"
+            else:
+                hide_next = True
+        elif eq and _is_secret_option(name):
             arg = name + "=***"
-        elif arg.startswith("-") and is_secret(arg):
-            hide_next = True
-        out.append(re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", arg))
+        out.append(_scrub_text(arg))
     return out
 
 
-_SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials"))
+def _is_secret_option(name: str) -> bool:
+    import re
+
+    if name in _SECRET_SHORT_OPTIONS:
+        return True
+    words = [w for w in re.split(r"[-_.]", name.lstrip("-").lower()) if w]
+    if not words:
+        return False
+    return bool(set(words) & _SECRET_WORDS) or words[-1] in _SECRET_LAST_WORDS or "apikey" in words
+
+
+def _scrub_text(text: str) -> str:
+    """Hide secrets inside free text: URL passwords, em_live_ tokens, the configured tokens."""
+    import re
+
+    text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+    text = re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+_SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials", "auth", "apikey"))
+_SECRET_LAST_WORDS = frozenset(("key", "token", "secret", "pass", "pw", "pwd"))
+_SECRET_SHORT_OPTIONS = frozenset(("-p",))
+_known_secrets = set()  # tokens this process was configured with: never recorded anywhere
 
 
 _SOURCE_CACHE = {}
@@ -599,16 +697,26 @@ def _lock_nb(fd: int) -> bool:
 
 
 class SpillStore:
-    """Undeliverable events, one JSON line each, in ``*.jsonl`` files of one directory.
+    """Undelivered events, one JSON line each, in ``*.jsonl`` files of one directory.
 
     A writer appends to its own ``*.jsonl.part`` file, holding an exclusive ``flock`` on it,
     and renames it to ``*.jsonl`` when it rotates or closes. A replayer claims a file by
     taking that lock (so a dead writer's file is taken over), sends its events and deletes
-    it only after they are acknowledged. The directory is 0700, the files 0600, and they hold
-    events only, never the token. The total size is capped (``ARGUS_SPILL_MAX_MB``).
+    it only after they are acknowledged. Each file starts with a header line naming its
+    destination (the server URL and a fingerprint of the token, never the token), so that a
+    run against another server leaves it alone. The directory is 0700, the files 0600. The
+    total size is capped (``ARGUS_SPILL_MAX_MB``). No method raises: a disk fault is logged
+    once, counted, and reported to the caller as "not written".
     """
 
-    def __init__(self, directory: str | None = None, max_mb: float | None = None):
+    def __init__(
+        self,
+        directory: str | None = None,
+        max_mb: float | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+    ):
         self.directory = os.path.abspath(directory or _default_spill_dir())
         self.max_bytes = int(
             (max_mb if max_mb is not None else _env_float(ENV_SPILL_MAX_MB, DEFAULT_SPILL_MAX_MB))
@@ -616,12 +724,17 @@ class SpillStore:
             * 1024
         )
         self.rotate_s = _env_float(ENV_SPILL_ROTATE_S, DEFAULT_SPILL_ROTATE_S)
+        self.url = url
+        self.header = _dumps({"argus_spill": 1, "url": url, "token": _fingerprint(token)})
         self.spilled = 0  # events this process wrote
         self.dropped = 0  # events refused because the directory is at its cap
         self.rejected = 0  # events set aside in the dead-letter file
+        self.failures = 0  # writes that failed (disk full, read-only, cannot create)
+        self.at_cap = False  # the last refusal was the size cap (counted), not a disk fault
         self.summarise = False  # a worker's store: its spills are summed up at exit
+        self.own = []  # names of the files this store wrote that may still hold events
         self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
-        self._fh = None
+        self._fd = None
         self._path = None
         self._opened = 0.0
         self._written = 0
@@ -656,56 +769,76 @@ class SpillStore:
         name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
         path = os.path.join(self.directory, name + _OPEN_SUFFIX)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        _lock_nb(fd)
-        self._fh = os.fdopen(fd, "a", encoding="utf-8")
+        try:
+            _lock_nb(fd)
+            _write_all(fd, (self.header + "\n").encode("utf-8"))
+        except OSError:
+            os.close(fd)
+            _unlink(path)
+            raise
+        self._fd = fd
         self._path = path
         self._opened = _mono()
         self._written = 0
+        self.own.append(name)
 
-    def append(self, lines) -> int:
-        """Write encoded events; returns how many were written (0 when at the cap)."""
+    def append(self, lines, *, rotate: bool = True) -> int:
+        """Write encoded events in order; returns how many were written (0: none, see log)."""
         if not lines:
             return 0
-        text = "\n".join(lines) + "\n"
-        size = len(text.encode("utf-8"))
+        data = ("\n".join(lines) + "\n").encode("utf-8")
         with self._lock:
+            self.at_cap = False
             try:
                 if self._total is None:
                     self._ensure_dir()
                     self._total = self._dir_bytes()
-                if self._total + size > self.max_bytes:
+                if self._total + len(data) > self.max_bytes:
                     self._total = self._dir_bytes()  # others may have replayed meanwhile
-                    if self._total + size > self.max_bytes:
+                    if self._total + len(data) > self.max_bytes:
                         self.dropped += len(lines)
+                        self.at_cap = True
                         self._note(dropped=len(lines))
                         _log(
                             "error",
-                            "argus: the spill directory %s is at its cap of %d MB: %d event(s) "
-                            "could not be saved (%d so far). Run `python -m argus sync` or "
-                            "raise %s.",
+                            "argus: the spill directory %s is at its cap of %s MB: %d event(s) "
+                            "could not be saved (%d so far). Run `python3 -m argus sync` or raise %s.",
                             self.directory,
-                            self.max_bytes // (1024 * 1024),
+                            "%g" % round(self.max_bytes / 1048576.0, 1),
                             len(lines),
                             self.dropped,
                             ENV_SPILL_MAX_MB,
                         )
                         return 0
-                if self._fh is None:
+                if self._fd is None:
                     self._open()
-                self._fh.write(text)
-                self._fh.flush()
+                _write_all(self._fd, data)
             except OSError as exc:
-                self.dropped += len(lines)
-                self._note(dropped=len(lines))
-                _log("error", "argus: cannot write to %s: %s", self.directory, exc)
+                self._failed(exc)
                 return 0
-            self._total += size
-            self._written += size
+            self._total += len(data)
+            self._written += len(data)
             self.spilled += len(lines)
             self._note(spilled=len(lines))
-            if self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s:
+            if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
                 self.rotate()
             return len(lines)
+
+    def _failed(self, exc: OSError) -> None:
+        self.failures += 1
+        if self._fd is not None:  # a half-written file: close it, keep what it holds
+            self.rotate()
+        self._total = None
+        _log_once(
+            "spill-fail:%s:%s" % (self.directory, getattr(exc, "errno", None)),
+            "error",
+            "argus: cannot write to the spill directory %s (%s); undelivered events are kept "
+            "in memory (up to the queue's bound) until the server answers. Point %s at a "
+            "writable directory.",
+            self.directory,
+            exc,
+            ENV_SPILL_DIR,
+        )
 
     def _note(self, spilled: int = 0, dropped: int = 0) -> None:
         # counted per directory, not per store: senders close (and leave _live) before atexit
@@ -714,41 +847,66 @@ class SpillStore:
             counts[0] += spilled
             counts[1] += dropped
 
+    def has_open_data(self) -> bool:
+        return self._fd is not None and self._written > 0
+
     def rotate(self) -> None:
         """Close the open file so that it can be replayed (by this or another process)."""
         with self._lock:
-            fh, path = self._fh, self._path
-            self._fh = self._path = None
-            if fh is None:
+            fd, path = self._fd, self._path
+            self._fd = self._path = None
+            if fd is None:
                 return
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)  # the file is complete on disk before anyone may claim it
                 os.rename(path, path[: -len(".part")])
             except OSError as exc:
                 _log("warning", "argus: cannot close spill file %s: %s", path, exc)
             finally:
-                fh.close()
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     close = rotate
+
+    def discard_open(self) -> None:
+        """Delete the open file: every event in it was acknowledged (durable mode)."""
+        with self._lock:
+            fd, path = self._fd, self._path
+            self._fd = self._path = None
+            if fd is None:
+                return
+            self._total = None
+            _unlink(path)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            name = os.path.basename(path)[: -len(_OPEN_SUFFIX)]
+            if name in self.own:
+                self.own.remove(name)
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's open file (and its lock)."""
         self._lock = threading.RLock()
-        if self._fh is not None:
+        if self._fd is not None:
             try:
-                self._fh.close()
+                os.close(self._fd)
             except OSError:
                 pass
-        self._fh = self._path = None
+        self._fd = self._path = None
+        self.own = []
 
     def _side_file(self, name: str, entries) -> None:
         with self._lock:
             self._ensure_dir()
             path = os.path.join(self.directory, name)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write("".join(_dumps(e) + "\n" for e in entries))
+            try:
+                _write_all(fd, "".join(_dumps_safe(e) + "\n" for e in entries).encode("utf-8"))
+            finally:
+                os.close(fd)
 
     def dead_letter(self, rejected) -> None:
         """Set aside ``(event_line, status, message)`` triples the server refused."""
@@ -764,7 +922,7 @@ class SpillStore:
                 {
                     "rejected_at": _format_ts(_now()),
                     "status": status,
-                    "error": _truncate(str(message), 2000),
+                    "error": _truncate(_text(message), 2000),
                     "event": event,
                 }
             )
@@ -788,7 +946,7 @@ class SpillStore:
         self.record_upload_many([entry])
 
     def record_upload_many(self, entries: list) -> None:
-        """Remember uploads made offline (path, size, route) for ``argus sync``."""
+        """Remember uploads that could not be made now (path, size, route) for ``argus sync``."""
         try:
             self._side_file(_PENDING_UPLOADS, entries)
         except OSError as exc:
@@ -815,17 +973,19 @@ class SpillStore:
         found.sort()
         return found
 
-    def claim_next(self, skip=()) -> _Claim | None:
-        """Claim the oldest unclaimed spill file, or return None when there is none."""
-        for mtime, name, path, size in self._candidates():
+    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
+        """Claim the oldest unclaimed spill file, or return None when there is none.
+
+        ``match(destination_url)`` decides whether a file is for us (a file without a header,
+        written by an older version, has the destination None); ``own_only`` takes only
+        files this store wrote, oldest first: the backlog of this run.
+        """
+        candidates = self._candidates()
+        if own_only:
+            own = set(self.own)
+            candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
+        for mtime, name, path, size in candidates:
             if path in skip or path == self._path:
-                continue
-            if name.endswith(_OPEN_SUFFIX) and size == 0:
-                if time.time() - mtime > 60:  # an empty file left by a dead writer
-                    try:
-                        os.unlink(path)
-                    except OSError:
-                        pass
                 continue
             try:
                 fd = os.open(path, os.O_RDWR)
@@ -838,31 +998,115 @@ class SpillStore:
             except OSError:
                 os.close(fd)
                 continue
-            return _Claim(self, path, fd, mtime)
+            if name.endswith(_OPEN_SUFFIX) and size == 0:
+                _unlink(path)  # an empty file whose writer is gone (we hold its lock)
+                os.close(fd)
+                continue
+            claim = _Claim(self, path, fd, mtime)
+            if match is not None and not match(claim.destination):
+                claim._close()
+                if isinstance(skip, set):
+                    skip.add(path)
+                continue
+            return claim
         return None
 
+    def forget(self, path: str) -> None:
+        name = _base_name(os.path.basename(path))
+        if name in self.own:
+            self.own.remove(name)
+
+    def own_backlog(self) -> bool:
+        """True while a file this store wrote may still hold undelivered events."""
+        if self.has_open_data():
+            return True
+        current = _base_name(os.path.basename(self._path)) if self._path else None
+        self.own = [
+            name
+            for name in self.own
+            if name != current
+            and any(os.path.exists(os.path.join(self.directory, name + sfx)) for sfx in (_SPILL_SUFFIX, _OPEN_SUFFIX))
+        ] + ([current] if current in self.own else [])
+        return any(name != current for name in self.own)
+
     def backlog(self) -> dict:
-        """Files, events, bytes and the oldest file's age of what waits in the directory."""
+        """Files, events, bytes, the oldest file's age and the destinations of what waits."""
         files = events = nbytes = 0
         oldest = None
+        destinations = {}
         for mtime, _name, path, size in self._candidates():
             files += 1
             nbytes += size
             oldest = mtime if oldest is None else min(oldest, mtime)
-            try:
-                with open(path, "rb") as f:
-                    events += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-            except OSError:
-                pass
+            count, destination = _file_events(path)
+            events += count
+            key = destination or "(any)"
+            destinations[key] = destinations.get(key, 0) + count
         return {
             "directory": self.directory,
             "files": files,
             "events": events,
             "bytes": nbytes,
             "oldest": _format_ts(oldest) if oldest else None,
+            "destinations": destinations,
             "dead_letter": _count_lines(os.path.join(self.directory, _DEAD_LETTER)),
             "pending_uploads": _count_lines(os.path.join(self.directory, _PENDING_UPLOADS)),
         }
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _base_name(name: str) -> str:
+    for suffix in (_OPEN_SUFFIX, _SPILL_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _fingerprint(token: str | None) -> str | None:
+    """A short hash that tells two tokens apart and reveals nothing of either."""
+    if not token:
+        return None
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+
+
+def _parse_header(line: str):
+    """The destination URL of a spill file's header line, or False when it is no header."""
+    if not line.startswith('{"argus_spill"'):
+        return False
+    try:
+        header = _loads(line)
+    except ValueError:
+        return False
+    return header.get("url") if isinstance(header, dict) else None
+
+
+def _file_events(path: str) -> tuple:
+    """(events, destination URL) of a spill file."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+            count = first.count(b"\n") + sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except OSError:
+        return 0, None
+    destination = _parse_header(first.decode("utf-8", "replace").strip())
+    if destination is False:
+        return count, None
+    return count - 1, destination
 
 
 def _count_lines(path: str) -> int:
@@ -883,11 +1127,26 @@ class _Claim:
         self._mtime = mtime
         with os.fdopen(os.dup(fd), "rb") as f:
             raw = f.read()
-        self.lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
+        lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
+        self.header = None
+        self.destination = None
+        if lines:
+            destination = _parse_header(lines[0])
+            if destination is not False:
+                self.header = lines.pop(0)
+                self.destination = destination
+        self.lines = lines
         self.pos = 0
 
-    def next_chunk(self, limit: int = MAX_BATCH_EVENTS) -> list:
-        """Up to ``limit`` ``(event_id, line)`` pairs; malformed lines go to the dead letter."""
+    def left(self) -> int:
+        return len(self.lines) - self.pos
+
+    def next_chunk(self, limit: int = MAX_BATCH_EVENTS, skip_ids=None) -> list:
+        """Up to ``limit`` ``(event_id, line)`` pairs; malformed lines go to the dead letter.
+
+        Events whose id is in ``skip_ids`` (acknowledged after they were written here) are
+        passed over and removed from that set.
+        """
         pairs, poison = [], []
         nbytes = 0
         while self.pos < len(self.lines) and len(pairs) < limit and nbytes < MAX_BATCH_BYTES:
@@ -901,16 +1160,17 @@ class _Claim:
             if not isinstance(event_id, str):
                 poison.append((line, "malformed", "unreadable line in spill file %s" % self.path))
                 continue
+            if skip_ids and event_id in skip_ids:
+                skip_ids.discard(event_id)
+                continue
             pairs.append((event_id, line))
             nbytes += len(line)
         self.store.dead_letter(poison)
         return pairs
 
     def done(self) -> None:
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        _unlink(self.path)
+        self.store.forget(self.path)
         self._close()
 
     def release(self, unsent=()) -> None:
@@ -920,10 +1180,14 @@ class _Claim:
             return self.done()
         if self.pos:
             tmp = self.path + ".tmp"
+            head = [self.header] if self.header else []
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write("\n".join(remaining) + "\n")
+                try:
+                    _write_all(fd, ("\n".join(head + remaining) + "\n").encode("utf-8"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.utime(tmp, (self._mtime, self._mtime))  # keep its place in the order
                 target = self.path
                 if target.endswith(".part"):
@@ -932,6 +1196,7 @@ class _Claim:
                 if target != self.path:
                     os.unlink(self.path)
             except OSError as exc:
+                _unlink(tmp)
                 _log("warning", "argus: cannot rewrite spill file %s: %s", self.path, exc)
         self._close()
 
@@ -950,7 +1215,38 @@ class _Claim:
 
 
 class _NetworkError(Exception):
-    """Connection refused or reset, DNS, TLS, timeout: anything without an HTTP status."""
+    """Connection refused or reset, DNS, TLS, timeout: anything without an HTTP status.
+
+    ``sent`` is False when the request certainly did not reach the server (it failed while
+    connecting), so that a retry cannot store anything twice.
+    """
+
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent
+
+
+def _short_cause(exc: BaseException) -> str:
+    """One short cause for a failed request: "connection refused", "timed out"..."""
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    for needle, cause in (
+        ("refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("timeout", "timed out"),
+        ("name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("temporary failure in name resolution", "unknown host (DNS)"),
+        ("certificate verify failed", "TLS certificate not trusted"),
+        ("reset by peer", "connection reset"),
+        ("remote end closed", "connection closed by the server"),
+        ("remotedisconnected", "connection closed by the server"),
+        ("no route to host", "no route to host"),
+        ("network is unreachable", "network unreachable"),
+    ):
+        if needle in lowered:
+            return cause
+    return _truncate(text, 200)
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
@@ -1039,8 +1335,11 @@ class _StdlibTransport:
             try:
                 conn = self._conn or self._connect(timeout)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise _NetworkError("TLS setup failed (CA bundle %s): %s" % (_ca_bundle(), exc)) from None
+                raise _NetworkError(
+                    "TLS setup failed (CA bundle %s): %s" % (_ca_bundle(), exc), sent=False
+                ) from None
             self._conn = conn
+            sent = False
             try:
                 conn.timeout = timeout
                 if conn.sock is None:
@@ -1048,18 +1347,26 @@ class _StdlibTransport:
                     _no_delay(conn.sock)
                 conn.sock.settimeout(timeout)
                 conn.request(method, target, body=body, headers=hdrs)
+                sent = True
                 resp = conn.getresponse()
                 data = resp.read()
                 return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
             except (self._http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self.close()
-                if reused and attempt == 0:
+                if reused and attempt == 0 and not sent:
                     continue  # the server closed an idle keep-alive connection
-                raise _NetworkError(str(exc) or type(exc).__name__) from None
-            except (OSError, self._http.HTTPException, ValueError) as exc:
-                self.close()
-                raise _NetworkError(str(exc) or type(exc).__name__) from None
+                raise _NetworkError(_short_cause(exc), sent=sent) from None
+            except (OSError, self._http.HTTPException, ValueError, AttributeError) as exc:
+                self.close()  # AttributeError: the socket was taken away by abort()
+                raise _NetworkError(_short_cause(exc), sent=sent) from None
         raise _NetworkError("unreachable")  # pragma: no cover
+
+    def abort(self) -> None:
+        """From another thread: end a request that passed its overall deadline."""
+        conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            _shutdown_socket(sock)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -1068,6 +1375,15 @@ class _StdlibTransport:
                 conn.close()
             except Exception:
                 pass
+
+
+def _shutdown_socket(sock) -> None:
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
 
 
 def _no_delay(sock) -> None:
@@ -1082,7 +1398,11 @@ def _no_delay(sock) -> None:
 
 
 class _RequestsTransport:
-    """The same interface on a ``requests.Session`` (proxies and NO_PROXY from the env)."""
+    """The same interface on a ``requests.Session`` (proxies and NO_PROXY from the env).
+
+    Redirects are not followed: a redirect can turn the POST into a GET that answers 200 and
+    stores nothing, or carry the token to another host.
+    """
 
     name = "requests"
 
@@ -1096,9 +1416,15 @@ class _RequestsTransport:
         if token:
             self._session.headers["Authorization"] = "Bearer " + token
         self._verify = _ca_bundle() or True
+        self._sockets = weakref.WeakSet()
+        adapter = _tracking_adapter(requests, self._sockets)
+        if adapter is not None:
+            self._session.mount("http://", adapter)
+            self._session.mount("https://", adapter)
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
         timeout = max(0.05, timeout)
+        requests = self._requests
         try:
             resp = self._session.request(
                 method,
@@ -1107,13 +1433,24 @@ class _RequestsTransport:
                 headers=headers,
                 timeout=(timeout, timeout),
                 verify=self._verify,
+                allow_redirects=False,
             )
             data = resp.content
-        except self._requests.RequestException as exc:
-            raise _NetworkError(str(exc) or type(exc).__name__) from None
-        except (OSError, ValueError) as exc:
-            raise _NetworkError(str(exc) or type(exc).__name__) from None
+        except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
+            raise _NetworkError(_short_cause(exc), sent=False) from None
+        except requests.ConnectionError as exc:
+            text = str(exc)
+            sent = not ("NewConnectionError" in text or "Failed to establish" in text)
+            raise _NetworkError(_short_cause(exc), sent=sent) from None
+        except requests.RequestException as exc:
+            raise _NetworkError(_short_cause(exc)) from None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise _NetworkError(_short_cause(exc)) from None
         return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
+
+    def abort(self) -> None:
+        for sock in list(self._sockets):
+            _shutdown_socket(sock)
 
     def close(self) -> None:
         try:
@@ -1122,9 +1459,41 @@ class _RequestsTransport:
             pass
 
 
+def _tracking_adapter(requests, sockets):
+    """An HTTPAdapter whose connections record their sockets, so abort() can end a request
+    that a server dribbles out byte by byte (requests' timeouts are per read). None when
+    urllib3's classes are not what we expect: then abort() does nothing."""
+    try:
+        from urllib3 import connection, connectionpool
+
+        def tracked(base):
+            class Tracked(base):
+                def connect(self):
+                    super().connect()
+                    if getattr(self, "sock", None) is not None:
+                        sockets.add(self.sock)
+
+            return Tracked
+
+        class Pool(connectionpool.HTTPConnectionPool):
+            ConnectionCls = tracked(connection.HTTPConnection)
+
+        class TLSPool(connectionpool.HTTPSConnectionPool):
+            ConnectionCls = tracked(connection.HTTPSConnection)
+
+        class Adapter(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+        return Adapter()
+    except Exception:
+        return None
+
+
 def _make_transport(base_url: str, token: str | None):
     choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
-    if choice not in ("urllib", "stdlib", "http.client"):
+    if choice not in ("urllib", "stdlib", "http.client") and _imports["requests"] != "broken":
         try:
             return _RequestsTransport(base_url, token)
         except ImportError:
@@ -1227,10 +1596,16 @@ def _mime_type(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# The delivery worker
+# The delivery core: queue, worker, sender, replayer
 # ---------------------------------------------------------------------------------------
+# An event travels: caller's thread -> the in-memory queue (a cache) -> the worker thread,
+# which sends it; or, once the server falls behind, -> the spill file (the buffer of record)
+# -> the replayer -> the server. A guard thread makes sure no unacknowledged event stays in
+# memory only for longer than JOURNAL_AFTER_S, and ends requests that pass their deadline.
 
 _live = weakref.WeakSet()  # every open ExperimentReporter of this process
+
+_OPEN, _DRAINING, _CLOSED = "open", "draining", "closed"
 
 
 class _Upload:
@@ -1257,11 +1632,13 @@ def _quote(text: str) -> str:
 
 
 class ExperimentReporter:
-    """The low-level sender: one bounded queue, one worker thread, spill on failure.
+    """The low-level sender: one bounded queue, one worker thread, disk as the buffer of record.
 
-    Every method returns at once and never raises because of the network, the server or a
-    value. Events that cannot be delivered are saved to the spill store and re-sent when the
-    server answers again (in this run) or at the next start.
+    Every method returns at once and never raises because of the network, the server, the
+    disk or a value. An event the server has not acknowledged within about a second is
+    written to the spill store; from then on this run's events go through disk, in order,
+    until the backlog is gone. What is on disk is re-sent when the server answers again (in
+    this run), at the next start, or by ``argus sync``.
     """
 
     def __init__(
@@ -1277,6 +1654,7 @@ class ExperimentReporter:
         spill_path: str | os.PathLike | None = None,
         batch_id: str | None = None,
         *,
+        durable: bool | None = None,
         _worker: bool = True,
     ):
         if not isinstance(project, str) or not project:
@@ -1294,7 +1672,7 @@ class ExperimentReporter:
         self.url, self.url_source = (None, None) if disabled else _resolve_url(url)
         self._token = _resolve_token(auth_token)[0] if not disabled else None
         self.enabled = not disabled and bool(self._offline or self.url)
-        if not self.enabled and not disabled:
+        if not self.enabled and not disabled and not _url_was_invalid(url):
             _log_once(
                 "no-url",
                 "warning",
@@ -1309,15 +1687,28 @@ class ExperimentReporter:
             spill_path = os.fspath(spill_path)
             if spill_path.endswith(_SPILL_SUFFIX):
                 spill_path = os.path.dirname(spill_path) or "."
-        self.spill = SpillStore(spill_path)
+        self.spill = SpillStore(spill_path, url=self.url, token=self._token)
         self.spill.summarise = _worker and not self._offline  # not the CLI, nor offline mode
+        self.durable = bool(
+            self.enabled and _worker and (_env_flag(ENV_DURABLE) if durable is None else durable)
+        )
         self._qmax = max(1, int(queue_size))
         self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
+        self.lost = 0  # events that could be neither delivered nor saved (queue full, disk refused)
+        self._state = _OPEN
+        self._state_lock = threading.RLock()
+        self._closed_evt = threading.Event()
+        self._closer = None
+        self._batch_limit = MAX_BATCH_EVENTS
+        self._per_event_s = None  # the server's measured time per event (smoothed)
+        self._pace_gap = 0.0  # seconds between requests after 429s (shared by the daemons)
+        self._next_send = 0.0
+        self._sent_429 = 0
         self._reset_runtime()
-        self._slow = not self.enabled  # True: _submit takes the careful path
-        self._closed = False
+        self._slow = not self.enabled or self.durable  # True: _submit takes the careful path
         if self.enabled and _worker:
             _live.add(self)
+            _prepare_process(self.url)
             self._start()
 
     def _reset_runtime(self) -> None:
@@ -1327,15 +1718,21 @@ class ExperimentReporter:
         self._bytes_out = 0
         self._idle = True
         self._thread = None
-        self._lock = threading.Lock()
+        self._guard = None
+        self._lock = threading.RLock()  # re-entrant: a signal handler may close mid-take
         self._wake_evt = threading.Event()
         self._stop_evt = threading.Event()
-        self._pause = threading.Event()  # never set: an interruptible-free wait while closing
+        self._pause = threading.Event()  # never set: an uninterruptible wait while closing
         self._transport = None
         self._claim = None
         self._inflight = None
-        self._closing = False
-        self._finalized = False
+        self._inflight_since = 0.0
+        self._inflight_journaled = False
+        self._deferred = False  # the last live send was put off by a 429
+        self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
+        self._request_deadline = None
+        self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
+        self._disk_mode = False  # this run's events go through disk until the backlog is gone
         self._abandoned = False
         self._deadline = None
         self._down_until = 0.0
@@ -1353,6 +1750,10 @@ class ExperimentReporter:
     @property
     def transport_name(self) -> str:
         return self._transport.name if self._transport is not None else _transport_name()
+
+    @property
+    def _closed(self) -> bool:
+        return self._state is not _OPEN
 
     def _submit(self, etype: str, job_id, data: dict, size: int = 0, batch_id=None) -> None:
         if self._slow:
@@ -1373,28 +1774,68 @@ class ExperimentReporter:
     def _submit_slow(self, etype, job_id, data, size, batch_id) -> None:
         if not self.enabled:
             return
-        data = _jsonable(data)
-        self._overflow((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
-
-    def _overflow(self, record) -> None:
-        """The queue is full (or this reporter is closed): write the event to disk now."""
-        try:
-            self.spill.append([self._encode(record)[1]])
-        except Exception as exc:  # never into the training loop
-            _log("error", "argus: could not spill an event: %r", exc)
-        if not self._offline:
-            self._replay_due = 0.0 if self._replay_due is None else self._replay_due
-        if self._idle and not self._closed:
+        if self._state is _CLOSED:
+            return self._refuse(etype)
+        record = (etype, batch_id or self._batch_id, job_id, _now(), _jsonable(data), 0)
+        if not self.durable:
+            return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
+        # Durable: the event reaches the kernel before the call returns; memory only sends it.
+        pair = self._encode(record)
+        with self._lock:
+            on_disk = self.spill.append([pair[1]], rotate=False) == 1
+            if len(self._queue) < self._qmax:
+                self._queue.append((pair[0], pair[1], on_disk))
+            elif on_disk:
+                self._disk_mode = True
+            else:
+                self._lose(1)
+        if self._idle:
             self._wake()
 
+    def _put(self, record) -> None:
+        self._queue.append(record)
+        if self._idle:
+            self._wake()
+
+    def _refuse(self, etype: str) -> None:
+        _log_once(
+            "closed:%d" % id(self),
+            "warning",
+            "argus: %s after the Reporter of batch %s was closed is not sent (nor saved). "
+            "Emit events inside the `with Reporter(...)` block, or open a new Reporter.",
+            etype,
+            self._batch_id,
+        )
+
+    def _overflow(self, record) -> None:
+        """The queue is full: everything queued goes to disk, then this event, in order."""
+        with self._lock:
+            if not self._journal_locked([record]):
+                self._lose(1)
+        if self._idle and self._state is not _CLOSED:
+            self._wake()
+
+    def _lose(self, count: int) -> None:
+        self.lost += count
+        _log_once(
+            "lost:%d" % id(self),
+            "error",
+            "argus: the queue is full (%d events) and the spill directory %s cannot be "
+            "written: events are being lost (counted at exit). Free the disk or point %s "
+            "elsewhere.",
+            self._qmax,
+            self.spill.directory,
+            ENV_SPILL_DIR,
+        )
+
     def _wake(self) -> None:
-        if self._finalized:
-            return self._spill_queue()
         self._idle = False
         thread = self._thread
         if thread is None or not thread.is_alive():
-            if self._closing or self._closed:
+            if self._state is not _OPEN:
                 return
+            if thread is not None:
+                _log("error", "argus: the delivery worker had stopped; it is started again")
             self._start()
         self._wake_evt.set()
 
@@ -1405,6 +1846,14 @@ class ExperimentReporter:
             thread.start()
         except RuntimeError:  # interpreter shutting down: events stay queued for close()
             self._thread = None
+            return
+        if self._guard is None or not self._guard.is_alive():
+            guard = threading.Thread(target=self._guard_loop, name="argus-guard", daemon=True)
+            self._guard = guard
+            try:
+                guard.start()
+            except RuntimeError:
+                self._guard = None
 
     def _data(self, fields: dict) -> dict:
         return {k: v for k, v in fields.items() if v is not None}
@@ -1427,7 +1876,7 @@ class ExperimentReporter:
             _check_batch_id(batch_id)
             self._batch_id = batch_id
         if command is not None and command != self._command:
-            self._command = _truncate(str(command), 4000)
+            self._command = _truncate(_text(command), 4000)
             self._source_json = None
         self._event(
             "batch_start",
@@ -1446,7 +1895,7 @@ class ExperimentReporter:
 
     def batch_failed(self, reason: str | None = None, **extra) -> None:
         # The server reads the cause from `error`; `reason` carries the same text for older readers.
-        text = _truncate(str(reason or "unknown"))
+        text = _truncate(_text(reason or "unknown"))
         self._event("batch_failed", None, error=text, reason=text, **extra)
 
     def job_start(self, job_id: str, model=None, dataset=None, **extra) -> None:
@@ -1482,25 +1931,18 @@ class ExperimentReporter:
 
     def job_failed(self, job_id: str, reason: str | None = None, elapsed_s=None, **extra) -> None:
         _check_job_id(job_id)
-        self._event(
-            "job_failed",
-            job_id,
-            status="FAILED",
-            error=_truncate(str(reason or "unknown")),
-            reason=_truncate(str(reason or "unknown")),
-            elapsed_s=elapsed_s,
-            **extra,
-        )
+        text = _truncate(_text(reason or "unknown"))
+        self._event("job_failed", job_id, status="FAILED", error=text, reason=text, elapsed_s=elapsed_s, **extra)
 
     def resource_snapshot(self, **fields) -> None:
         self._event("resource_snapshot", None, **fields)
 
     def log_line(self, job_id: str, line: str, level: str = "info", **extra) -> None:
         _check_job_id(job_id)
-        text = _truncate(line if type(line) is str else str(line))
+        text = _truncate(_text(line))
         data = self._data(extra)
         data["line"] = text
-        data["level"] = str(level).lower()
+        data["level"] = _text(level).lower()
         self._submit("log_line", job_id, data, size=len(text) + 64)
 
     def emit(self, event: str, batch_id: str | None = None, **fields) -> None:
@@ -1514,6 +1956,8 @@ class ExperimentReporter:
             _check_job_id(job_id)
         elif job_id is not None:
             _check_job_id(job_id)
+        if event in ("job_failed", "batch_failed") and "error" not in fields and fields.get("reason"):
+            fields["error"] = fields["reason"]  # the key the server reads
         self._submit(event, job_id, self._data(fields), batch_id=batch_id)
 
     def job_artifact(self, job_id: str, path, *, label: str | None = None, meta: dict | None = None):
@@ -1524,17 +1968,18 @@ class ExperimentReporter:
         """
         _check_job_id(job_id)
         route = "/api/jobs/%s/artifacts" % _quote(job_id)
-        return self._uploads([_Upload(route, os.fspath(path), label, meta, False)])[0]
+        return self._uploads([_Upload(route, os.fsdecode(path), label, meta, False)])[0]
 
     def batch_artifact(self, path, *, label: str | None = None, meta: dict | None = None):
         """Upload one file for the batch (``/api/batches/{id}/artifacts``)."""
         route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
-        return self._uploads([_Upload(route, os.fspath(path), label, meta, True)])[0]
+        return self._uploads([_Upload(route, os.fsdecode(path), label, meta, True)])[0]
 
     def _uploads(self, uploads: list, wait: float | None = None) -> list:
-        if self._slow:
-            if self._closed and self.enabled:
-                _log("warning", "argus: upload after close() skipped: %s", uploads[0].path)
+        if not self.enabled:
+            return [None] * len(uploads)
+        if self._state is not _OPEN:
+            self._refuse("an upload of %s" % uploads[0].path)
             return [None] * len(uploads)
         for upload in uploads:
             self._queue.append(upload)
@@ -1548,51 +1993,165 @@ class ExperimentReporter:
         return [u.result for u in uploads]
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every event queued so far is delivered or spilled; False on timeout."""
-        if self._slow:
+        """Wait until every event queued so far is delivered or on disk; False on timeout."""
+        if not self.enabled or self._state is not _OPEN:
             return True
-        marker = _Flush()
-        self._queue.append(marker)
-        self._wake()
-        return marker.done.wait(timeout)
+        try:
+            marker = _Flush()
+            self._queue.append(marker)
+            self._wake()
+            return marker.done.wait(timeout)
+        except Exception as exc:  # never into the caller
+            _log("error", "argus: flush failed: %r", exc)
+            return False
+
+    # -- one shutdown path ----------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued within ``timeout`` seconds; spill whatever is left."""
-        if self._closed:
+        """Deliver what is queued within ``timeout`` seconds; put whatever is left on disk.
+
+        Idempotent and safe from any thread or a signal handler: a second call while the
+        first drains waits for it (within the deadline); the same thread re-entering (a
+        signal during the drain) finishes the drain itself. Never raises, except that a
+        KeyboardInterrupt during the drain cuts it short, saves the rest, and goes on.
+        """
+        try:
+            self._close(timeout)
+        except KeyboardInterrupt:
+            self._finalize()
+            raise
+        except Exception as exc:
+            _log("error", "argus: error while closing the sender: %r", exc)
+            try:
+                self._finalize()
+            except Exception:
+                pass
+
+    def _close(self, timeout: float) -> None:
+        me = threading.get_ident()
+        with self._state_lock:
+            state = self._state
+            if state is _CLOSED:
+                return
+            if not self.enabled:
+                self._state = _CLOSED
+                self._closed_evt.set()
+                return
+            wait = None
+            if state is _OPEN:
+                self._state = _DRAINING
+                self._closer = me
+                self._deadline = _mono() + max(0.0, float(timeout))
+                self._slow = True
+            elif self._closer != me:
+                wait = max(0.0, self._deadline - _mono()) + 1.0
+        if wait is not None:  # another thread drains: wait for it, within its deadline
+            self._closed_evt.wait(wait)
             return
-        self._closed = True
-        if not self.enabled:
-            return
-        self._deadline = _mono() + max(0.0, timeout)
-        self._closing = True
         self._stop_evt.set()
         self._wake_evt.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, self._deadline - _mono()) + 0.05)
-        with self._lock:
-            self._abandoned = True  # a worker still blocked in a request is no longer trusted
-            leftovers = list(self._inflight or ()) if thread is not None and thread.is_alive() else []
-        # From now on a submit writes to disk at once; one racing with this close lands in
-        # the queue, sees _idle and is spilled by _wake().
-        self._slow = True
-        self._finalized = True
-        self._idle = True
-        self._spill_queue(leftovers)
-        self.spill.close()
-        _live.discard(self)
+        self._finalize()
 
-    def _spill_queue(self, pairs=()) -> None:
-        pairs = list(pairs)
-        with self._lock:
-            while self._queue:
-                item = self._queue.popleft()
-                if type(item) is tuple:
-                    pairs.append(self._encode(item))
-                else:
+    def _finalize(self) -> None:
+        """Put what is left on disk, in order; then CLOSED. Runs once; safe to call again."""
+        with self._state_lock:
+            if self._state is _CLOSED:
+                return
+            thread = self._thread
+            worker_alive = (
+                thread is not None and thread.is_alive() and thread is not threading.current_thread()
+            )
+            with self._lock:
+                if worker_alive:
+                    self._abandoned = True  # a worker still blocked in a request is not trusted
+                saved = self._journal_locked(keep_controls=False)
+                if not saved:
+                    left = self._count_queued()
+                    if left:
+                        self.lost += left
+                        _log(
+                            "error",
+                            "argus: %d event(s) could not be delivered nor saved to %s (disk refused)",
+                            left,
+                            self.spill.directory,
+                        )
+                    self._queue.clear()
+            claim, self._claim = (self._claim, None) if not worker_alive else (None, self._claim)
+            if claim is not None:
+                claim.release()
+            if self.durable and not self._disk_mode and not worker_alive:
+                self.spill.discard_open()  # every event in the journal was acknowledged
+            else:
+                self.spill.rotate()
+            self._slow = True
+            self._state = _CLOSED
+            self._closed_evt.set()
+            _live.discard(self)
+            if worker_alive and self._transport is not None:
+                self._transport.abort()
+
+    def _count_queued(self) -> int:
+        count = len([i for i in self._queue if type(i) is tuple])
+        if self._inflight and not self._inflight_journaled:
+            count += len(self._inflight)
+        return count
+
+    def _journal_locked(self, extra=(), keep_controls: bool = True) -> bool:
+        """Write the request in flight, the queue and ``extra`` records to disk, in order.
+
+        Called with ``self._lock`` held. Uploads and flush markers stay queued (or, when
+        closing, are released). On success the run is in disk mode; when the disk refuses,
+        everything stays in memory, encoded, and False is returned.
+        """
+        lines = []
+        inflight = self._inflight
+        if inflight and not self._inflight_journaled:
+            lines.extend(line for _, line in inflight)
+        queue = self._queue
+        items = []
+        while queue:
+            items.append(queue.popleft())
+        kept = []  # the queue as it will be: encoded events and controls, in order
+        for item in items:
+            if type(item) is tuple:
+                if len(item) == 3:
+                    if not item[2]:
+                        lines.append(item[1])
+                    kept.append(item)
+                    continue
+                if item[5]:
+                    self._bytes_out += item[5]
+                pair = self._encode(item)
+                lines.append(pair[1])
+                kept.append((pair[0], pair[1], False))
+            else:
+                kept.append(item)
+        for record in extra:
+            pair = self._encode(record)
+            lines.append(pair[1])
+        if not lines or self.spill.append(lines) == len(lines) or self.spill.at_cap:
+            # (at the cap the store refused them loudly and counted them: nothing to keep)
+            if inflight:
+                self._inflight_journaled = True
+            controls = [item for item in kept if type(item) is not tuple]
+            if not keep_controls:
+                for control in controls:
+                    control.done.set()
+                controls = []
+            queue.extendleft(reversed(controls))
+            if lines:
+                self._disk_mode = True
+            return True
+        if not keep_controls:
+            for item in kept:
+                if type(item) is not tuple:
                     item.done.set()
-        if pairs:
-            self.spill.append([line for _, line in pairs])
+        queue.extendleft(reversed(kept))  # the disk refused: memory keeps them, in order
+        self._disk_retry_at = _mono() + 5.0
+        return False
 
     def __enter__(self) -> ExperimentReporter:
         return self
@@ -1611,10 +2170,10 @@ class ExperimentReporter:
             for key, explicit in (("host", self._host), ("user", self._user), ("commit", self._commit)):
                 value = explicit if explicit is not None else detected.get(key)
                 if value:
-                    source[key] = str(value)
+                    source[key] = _text(value)
             if self._command:
                 source["command"] = self._command
-            text = self._source_json = _dumps(source)
+            text = self._source_json = _dumps_safe(source)
         return text
 
     def _encode(self, record) -> tuple:
@@ -1637,100 +2196,316 @@ class ExperimentReporter:
         return event_id, line
 
     def _run(self) -> None:
-        _worker_imports()
-        try:
-            self._loop()
-        except BaseException as exc:  # the worker must never die silently
-            if not self._abandoned:
-                _log("error", "argus: the delivery worker stopped (%r); queued events are spilled", exc)
+        _worker_imports(self.url)
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # a fault costs the request, never the thread
+                _log("error", "argus: the delivery worker hit an error and goes on: %r", exc)
                 with self._lock:
-                    pairs = list(self._inflight or ())
-                    pairs += [self._encode(i) for i in list(self._queue) if type(i) is tuple]
-                    self._queue.clear()
-                self.spill.append([line for _, line in pairs])
-        finally:
-            claim, self._claim = self._claim, None
-            if claim is not None:
-                claim.release()
-            if self._transport is not None:
-                self._transport.close()
+                    pairs, self._inflight = self._inflight, None
+                    journaled, self._inflight_journaled = self._inflight_journaled, False
+                    if pairs and not journaled and not self._abandoned:
+                        self._queue.extendleft(reversed([(i, ln, False) for i, ln in pairs]))
+                if self._claim is not None:
+                    claim, self._claim = self._claim, None
+                    claim.release()
+                if self._stop_evt.wait(0.5) and self._state is not _DRAINING:
+                    return
+            finally:
+                if self._abandoned or self._state is not _OPEN:
+                    claim, self._claim = self._claim, None
+                    if claim is not None and not self._abandoned:
+                        claim.release()
+                    if self._transport is not None:
+                        self._transport.close()
 
     def _loop(self) -> None:
-        queue = self._queue
         while not self._abandoned:
-            if queue:
-                events, control = self._take(queue)
+            if self._deadline is not None and _mono() >= self._deadline:
+                return  # closing, out of time: close() saves what is left
+            if self._disk_mode:
+                if self._disk_step():
+                    continue
+            elif self._queue and (self._up() or self._offline or _mono() >= self._disk_retry_at):
+                events, control = self._take()
                 if events:
                     self._deliver(events)
                 if control is not None:
                     self._control(control)
                 continue
-            if self._closing:
-                return
+            if self._state is not _OPEN:
+                return  # draining: nothing left that the server takes now
             if self._replay_due is not None and _mono() >= max(self._replay_due, self._down_until):
                 self._replay_step()
                 continue
-            self._idle = True
-            if not queue:
-                self._wake_evt.wait(self._idle_wait())
-                self._wake_evt.clear()
-            self._idle = False
+            self._wait()
+
+    def _wait(self) -> None:
+        # In disk mode the caller does not wake the worker for each event: what queues is
+        # written to disk in batches (here, or by the guard) while the server catches up.
+        if self.durable:
+            self._maintain_journal()
+        self._idle = not self._disk_mode
+        if not self._queue or self._disk_mode:
+            self._wake_evt.wait(self._idle_wait())
+            self._wake_evt.clear()
+        self._idle = False
+
+    def _maintain_journal(self) -> None:
+        """Durable mode, all caught up: a journal whose events were all acknowledged goes."""
+        with self._lock:
+            if self._disk_mode or self._queue or self._inflight or self._claim is not None:
+                return
+            if self.spill.has_open_data() and _mono() - self.spill._opened >= self.spill.rotate_s:
+                self.spill.discard_open()
+                self._acked.clear()
 
     def _idle_wait(self) -> float:
+        if self._disk_mode:
+            if self._offline:
+                return 0.5
+            return min(0.5, max(0.005, self._down_until - _mono()))
+        if self._queue and not self._up():
+            return min(1.0, max(0.005, self._down_until - _mono()))
         if self._replay_due is None:
             return 1.0
         return min(1.0, max(0.005, max(self._replay_due, self._down_until) - _mono()))
 
-    def _take(self, queue) -> tuple:
-        events, control, nbytes = [], None, 0
+    def _take(self) -> tuple:
+        events, control, nbytes, on_disk = [], None, 0, True
+        limit = self._batch_limit
         with self._lock:
             if self._abandoned:
                 return [], None
-            while queue and len(events) < MAX_BATCH_EVENTS and nbytes < MAX_BATCH_BYTES:
+            queue = self._queue
+            since = None
+            while queue and len(events) < limit and nbytes < MAX_BATCH_BYTES:
                 item = queue.popleft()
                 if type(item) is not tuple:
                     control = item
                     break
-                if item[5]:
-                    self._bytes_out += item[5]
-                pair = self._encode(item)
+                if len(item) == 3:
+                    pair = (item[0], item[1])
+                    on_disk = on_disk and item[2]
+                else:
+                    if item[5]:
+                        self._bytes_out += item[5]
+                    if since is None:
+                        since = item[3]
+                    pair = self._encode(item)
+                    on_disk = False
                 events.append(pair)
                 nbytes += len(pair[1])
+            self._inflight_since = since if since is not None else _now() - JOURNAL_AFTER_S / 2
             self._inflight = events
+            self._inflight_journaled = bool(events) and on_disk
         return events, control
 
     def _up(self) -> bool:
         return _mono() >= self._down_until
 
     def _deliver(self, events: list) -> None:
+        self._deferred = False
         if self._offline or not self._up():
             unsent = events
         else:
             unsent = self._send(events, RETRY_ATTEMPTS)
         with self._lock:
+            journaled = self._inflight_journaled
             self._inflight = None
+            self._inflight_journaled = False
             if self._abandoned:
                 return
-        if unsent:
-            self.spill.append([line for _, line in unsent])
+            if self._deferred and unsent and not journaled:
+                # A 429: these go first in the next request, with what queued meanwhile.
+                self._queue.extendleft(reversed([(i, ln, False) for i, ln in unsent]))
+                return
+            if journaled:  # on disk already: remember what was acknowledged, replay skips it
+                if unsent:
+                    left = {event_id for event_id, _ in unsent}
+                    self._acked.update(event_id for event_id, _ in events if event_id not in left)
+                    self._disk_mode = True
+                else:
+                    self._acked.update(event_id for event_id, _ in events)
+                return
+            if unsent:
+                self._save(unsent)
+
+    def _save(self, pairs: list) -> None:
+        """Undelivered events: to disk (disk mode), or back into memory if the disk refuses."""
+        if self.spill.append([line for _, line in pairs]) == len(pairs) or self.spill.at_cap:
+            self._disk_mode = True
             if not self._offline and self._replay_due is None:
                 self._replay_due = self._down_until
+            return
+        self._disk_retry_at = _mono() + 5.0
+        room = self._qmax - len(self._queue)
+        keep = pairs[: max(0, room)]
+        if len(keep) < len(pairs):
+            self._lose(len(pairs) - len(keep))
+        self._queue.extendleft(reversed([(i, ln, False) for i, ln in keep]))
+
+    def _disk_step(self) -> bool:
+        """One step of disk mode; False when there is nothing to do until the server answers."""
+        control = self._queue_to_disk()
+        if control is not None:
+            if self._up() and not self._offline:
+                self._replay_own(until_empty=True)
+            self._control(control)
+            return True
+        if self._offline or not self._up():
+            if self._state is not _OPEN:
+                return False
+            self._wait()
+            return True
+        if self._replay_own():
+            return True
+        with self._lock:
+            if not self._queue and not self.spill.own_backlog():
+                self._disk_mode = False  # the backlog is gone: live events go straight out
+                return True
+        return bool(self._queue)
+
+    def _queue_to_disk(self):
+        """Move queued events up to the first upload or flush marker to disk; return it."""
+        with self._lock:
+            queue = self._queue
+            lines, control = [], None
+            while queue:
+                item = queue.popleft()
+                if type(item) is not tuple:
+                    control = item
+                    break
+                if len(item) == 3:
+                    if not item[2]:
+                        lines.append(item[1])
+                    continue
+                if item[5]:
+                    self._bytes_out += item[5]
+                lines.append(self._encode(item)[1])
+            if lines and self.spill.append(lines) != len(lines) and not self.spill.at_cap:
+                # The disk refused: leave disk mode; memory holds the events until delivered.
+                self._disk_mode = False
+                self._disk_retry_at = _mono() + 5.0
+                queue.extendleft(reversed(([control] if control is not None else [])))
+                queue.extendleft(reversed([(_line_id(ln), ln, False) for ln in lines]))
+                return None
+            return control
+
+    def _replay_own(self, until_empty: bool = False) -> bool:
+        """Send chunks of this run's spilled events, oldest first; False when there are none."""
+        sent_any = False
+        while not self._abandoned:
+            outcome = self._replay_once(own_only=True)
+            if outcome == "empty":
+                return sent_any
+            if outcome == "file done":
+                continue
+            sent_any = True
+            if outcome == "unsent" or not until_empty:
+                return True
+            if self._queue and type(self._queue[0]) is tuple:
+                self._queue_to_disk()
+        return sent_any
+
+    def _replay_step(self) -> None:
+        """Re-send one chunk of an older spill file for this server (another run's backlog)."""
+        outcome = self._replay_once(match=self._for_us)
+        if outcome == "empty":
+            self._replay_due = None
+        elif outcome == "unsent" and self._up():  # answered, but some need another try later
+            self._replay_due = _mono() + RETRY_MAX_S
+
+    def _replay_once(self, attempts: int = 1, **claim_args) -> str:
+        """The replayer, for the worker and for ``argus sync``: one chunk of the claimed spill
+        file (claiming the next one first, with ``claim_args`` for SpillStore.claim_next).
+
+        Returns "empty" (nothing to claim), "file done", "sent" or "unsent" (the server did
+        not take the chunk: the file is given back with it).
+        """
+        claim = self._claim
+        if claim is None:
+            self.spill.rotate()
+            claim = self._claim = self.spill.claim_next(**claim_args)
+            if claim is None:
+                return "empty"
+        pairs = claim.next_chunk(self._batch_limit, self._acked)
+        if not pairs:
+            claim.done()
+            self._claim = None
+            return "file done"
+        unsent = self._send(pairs, attempts)
+        if unsent:
+            claim.release([line for _, line in unsent])
+            self._claim = None
+            return "unsent"
+        return "sent"
+
+    def _for_us(self, destination) -> bool:
+        return destination is None or _same_url(destination, self.url)
+
+    def _guard_loop(self) -> None:
+        """Every quarter second: no unacknowledged event in memory only for over a second,
+        and no request past its overall deadline."""
+        while not self._abandoned and self._state is not _CLOSED:
+            if self._stop_evt.wait(0.25) and self._state is _CLOSED:
+                return
+            try:
+                self._guard_tick()
+            except Exception as exc:
+                _log_once("guard:%d" % id(self), "error", "argus: the spill guard hit an error: %r", exc)
+
+    def _guard_tick(self) -> None:
+        deadline = self._request_deadline
+        if deadline is not None and _mono() > deadline and self._transport is not None:
+            self._transport.abort()
+        if self._offline or _mono() < self._disk_retry_at:
+            return
+        oldest = self._oldest_unacked()
+        if oldest is not None and _now() - oldest >= JOURNAL_AFTER_S:
+            with self._lock:
+                if not self._abandoned and self._state is not _CLOSED:
+                    self._journal_locked()
+
+    def _oldest_unacked(self):
+        """Wall-clock time of the oldest event that is in memory only, or None."""
+        oldest = None
+        if self._inflight and not self._inflight_journaled:
+            oldest = self._inflight_since
+        queue = self._queue
+        try:
+            head = queue[0] if queue else None
+        except IndexError:
+            head = None
+        if type(head) is tuple:
+            if len(head) == 6:
+                oldest = head[3] if oldest is None else min(oldest, head[3])
+            elif not head[2]:
+                oldest = _now() - JOURNAL_AFTER_S if oldest is None else oldest
+        return oldest
+
+    # -- one request and its answer ---------------------------------------------------
 
     def _get_transport(self):
         if self._transport is None:
             self._transport = _make_transport(self.url, self._token)
         return self._transport
 
-    def _request_timeout(self):
+    def _request_timeout(self, n_events: int = 1):
+        """A timeout that grows with what the request carries; None when past the deadline."""
+        per_event = self._per_event_s if self._per_event_s is not None else 0.008
+        timeout = min(REQUEST_TIMEOUT_MAX_S, max(self.timeout, 3.0 + 4.0 * per_event * n_events))
         if self._deadline is None:
-            return self.timeout
+            return timeout
         left = self._deadline - _mono()
-        return min(self.timeout, left) if left > 0.01 else None
+        return min(timeout, left) if left > 0.01 else None
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; False when that would pass the close deadline (the caller spills)."""
-        if self._closing:
-            if _mono() + seconds > self._deadline:
+        if self._state is not _OPEN:
+            if self._deadline is None or _mono() + seconds > self._deadline:
                 return False
             self._pause.wait(seconds)
             return True
@@ -1738,17 +2513,30 @@ class ExperimentReporter:
         return True
 
     def _send(self, pairs: list, attempts: int) -> list:
-        """POST events; return those not delivered (to spill or keep). Rejected ones are set aside."""
+        """POST events; return those not delivered (to keep). Rejected ones are set aside."""
         transport = self._get_transport()
         attempt = 0
         while pairs:
-            timeout = self._request_timeout()
+            if len(pairs) > self._batch_limit:  # after a slow answer or a timeout: send less
+                head = self._send(pairs[: self._batch_limit], attempts)
+                if head:
+                    return head + pairs[self._batch_limit :]
+                pairs = pairs[self._batch_limit :]
+                continue
+            gap = self._next_send - _mono()
+            if gap > 0 and not self._sleep(gap):
+                return pairs
+            timeout = self._request_timeout(len(pairs))
             if timeout is None:
                 return pairs
-            if len(pairs) == 1:
+            single = len(pairs) == 1
+            if single:
                 path, body = "/api/events", pairs[0][1]
             else:
                 path, body = "/api/events/batch", '{"events":[%s]}' % ",".join(p[1] for p in pairs)
+            self._inflight_since = _now()
+            started = _mono()
+            self._request_deadline = started + timeout + 2.0
             try:
                 status, headers, data = transport.request(
                     "POST", path, body.encode("utf-8"), {"Content-Type": "application/json"}, timeout
@@ -1758,22 +2546,58 @@ class ExperimentReporter:
             else:
                 problem = "HTTP %d %s" % (status, _error_text(data))
                 self._last_activity = _mono()
+            finally:
+                self._request_deadline = None
+            elapsed = _mono() - started
             if status is not None and 200 <= status < 300:
-                self._mark_up()
-                pairs = self._read_results(pairs, data)
-                if not pairs:
-                    return []
-                attempt += 1  # per-event "internal" errors: retry those few
-                if attempt >= attempts or not self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
-                    return pairs
+                retry, odd = self._read_results(pairs, data, single)
+                if odd is None:
+                    self._mark_up()
+                    self._measured(len(pairs), elapsed)
+                    pairs = retry
+                    if not pairs:
+                        return []
+                    attempt += 1  # per-event "internal" errors: retry those few
+                    if attempt >= attempts or not self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
+                        return pairs
+                    continue
+                problem = odd
+                _log_once(
+                    "odd:%s:%s" % (self.url, path),
+                    "error",
+                    "argus: %s answered %d to %s with %s; the events count as not delivered and "
+                    "are kept. Is %s the Argus server itself (not a proxy or a login page)?",
+                    self.url,
+                    status,
+                    path,
+                    odd,
+                    self.url,
+                )
+            elif status is not None and 300 <= status < 400:
+                _log_once(
+                    "redirect:%s" % self.url,
+                    "error",
+                    "argus: %s redirects (%d to %s); redirects are not followed (a POST could "
+                    "become a GET, and the token must not go elsewhere). Set %s to the final "
+                    "URL. Events are kept.",
+                    self.url,
+                    status,
+                    headers.get("location", "?"),
+                    ENV_URL,
+                )
+                self._mark_refused(status, data)
+                return pairs
             elif status == 429:
-                if not self._sleep(_retry_after(headers, 1.0)):
-                    return pairs
+                self._paced(_retry_after(headers, 1.0))
+                if self._state is _OPEN and self._inflight is not None:
+                    self._deferred = True
+                    return pairs  # live: what queued meanwhile leaves with these, next request
+                continue
             elif status == 415:
                 self.spill.dead_letter([(p[1], status, _error_text(data)) for p in pairs])
                 return []
             elif status in (400, 413, 422):
-                if len(pairs) == 1:
+                if single:
                     self.spill.dead_letter([(pairs[0][1], status, _error_text(data))])
                     return []
                 half = len(pairs) // 2  # isolate the bad events so that the good ones still go
@@ -1781,46 +2605,78 @@ class ExperimentReporter:
             elif status in (401, 403, 404):
                 self._mark_refused(status, data)
                 return pairs
-            else:
-                attempt += 1
-                if attempt >= attempts:
-                    self._mark_down(problem)
+            if status is None and "timed out" in problem and len(pairs) > MIN_BATCH_EVENTS:
+                # The server is still working on these: wait about as long as it needs, then
+                # send less (the first part again, deduplicated by the server if it made it).
+                self._batch_limit = max(MIN_BATCH_EVENTS, len(pairs) // 4)
+                if not self._sleep(min(RETRY_MAX_S, elapsed)):
                     return pairs
-                if not self._sleep(_jitter(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))):
-                    return pairs
+            attempt += 1
+            if attempt >= attempts:
+                self._mark_down(problem)
+                return pairs
+            if not self._sleep(_jitter(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))):
+                return pairs
         return []
 
-    def _read_results(self, pairs: list, data: bytes) -> list:
-        """Count what the server stored; return the events to retry (``internal`` errors)."""
-        if len(pairs) == 1:
-            self.delivered += 1
-            return []
+    def _measured(self, n_events: int, elapsed: float) -> None:
+        """Size the next requests from this answer's speed (grow slowly, shrink at once)."""
+        if self._pace_gap:
+            self._pace_gap = self._pace_gap * 0.8 if self._pace_gap > 0.05 else 0.0
+        if n_events < 5:
+            return
+        per_event = max(elapsed, 1e-4) / n_events
+        old = self._per_event_s
+        self._per_event_s = per_event if old is None else 0.7 * old + 0.3 * per_event
+        target = int(TARGET_REQUEST_S / self._per_event_s)
+        target = max(MIN_BATCH_EVENTS, min(MAX_BATCH_EVENTS, target))
+        limit = self._batch_limit
+        self._batch_limit = target if target < limit else min(target, limit * 2)
+
+    def _paced(self, retry_after: float) -> None:
+        """A 429: space this process's requests out (shared by the daemons), with jitter."""
+        self._sent_429 += 1
+        self._pace_gap = min(PACE_MAX_S, max(retry_after, self._pace_gap * 1.5, 0.05))
+        self._next_send = _mono() + _jitter(self._pace_gap)
+
+    def _read_results(self, pairs: list, data: bytes, single: bool) -> tuple:
+        """Count what the server acknowledged. Returns ``(to_retry, odd)``: ``odd`` describes
+        an answer that is not an Argus answer (then nothing counts as delivered)."""
         try:
-            results = _loads(data.decode("utf-8")).get("results")
-        except (ValueError, AttributeError):
-            results = None
+            answer = _loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return pairs, "a body that is not JSON (%s)" % _truncate(repr(data[:60]), 80)
+        if single:
+            if not isinstance(answer, dict):
+                return pairs, "JSON that is not an object"
+            self.delivered += 1
+            return [], None
+        results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list):
-            self.delivered += len(pairs)
-            return []
+            return pairs, "JSON without per-event results"
         pending = dict(pairs)
         rejected = []
         retry = []
         for result in results:
             if not isinstance(result, dict):
                 continue
-            line = pending.pop(result.get("event_id"), None)
+            event_id = result.get("event_id")
+            line = pending.pop(event_id, None) if isinstance(event_id, str) else None
             if line is None:
                 continue
-            if result.get("status") == "rejected":
-                error = str(result.get("error") or "rejected")
+            status = result.get("status")
+            if status in ("accepted", "deduplicated"):
+                self.delivered += 1
+            elif status == "rejected":
+                error = _text(result.get("error") or "rejected")
                 if error.lower().startswith("internal"):
-                    retry.append((result["event_id"], line))
+                    retry.append((event_id, line))
                 else:
                     rejected.append((line, "rejected", error))
             else:
-                self.delivered += 1
+                retry.append((event_id, line))
         self.spill.dead_letter(rejected)
-        return retry + list(pending.items())  # absent from the results: not known to be stored
+        return retry + list(pending.items()), None  # absent from the results: not known to be stored
 
     def _mark_up(self) -> None:
         if self._fails or self._auth_fails:
@@ -1848,6 +2704,8 @@ class ExperimentReporter:
         self._down_until = _mono() + min(600.0, AUTH_PROBE_S * 2 ** (self._auth_fails - 1))
         if self._replay_due is None:
             self._replay_due = self._down_until
+        if 300 <= status < 400:
+            return  # logged by the caller
         if status == 404:
             cause = "%s/api/events answered 404: this URL is not an Argus server; check %s" % (
                 self.url,
@@ -1865,36 +2723,19 @@ class ExperimentReporter:
         _log_once(
             "refused:%s:%d" % (self.url, status),
             "error",
-            "argus: %s. Events are kept in %s; send them later with `python -m argus sync`.",
+            "argus: %s. Events are kept in %s; send them later with `python3 -m argus sync`.",
             cause,
             self.spill.directory,
         )
 
-    def _replay_step(self) -> None:
-        """Re-send one chunk of the spill store (the oldest file first)."""
-        if self._claim is None:
-            self.spill.rotate()
-            self._claim = self.spill.claim_next()
-            if self._claim is None:
-                self._replay_due = None
-                return
-        claim = self._claim
-        pairs = claim.next_chunk()
-        if not pairs:
-            claim.done()
-            self._claim = None
-            return
-        unsent = self._send(pairs, 1)
-        if unsent:
-            claim.release([line for _, line in unsent])
-            self._claim = None
-            if self._up():  # answered, but some events need another try later
-                self._replay_due = _mono() + RETRY_MAX_S
+    # -- uploads ------------------------------------------------------------------------
 
     def _control(self, control) -> None:
         if type(control) is _Upload:
             # Events spilled during an outage were queued before this upload (its job_start
             # may be among them): re-send what is due before the file leaves.
+            if self._disk_mode and self._up() and not self._offline:
+                self._replay_own(until_empty=True)
             while (
                 self._replay_due is not None
                 and not self._abandoned
@@ -1905,7 +2746,22 @@ class ExperimentReporter:
                 control.result = self._upload(control)
             except Exception as exc:
                 _log("error", "argus: upload of %s failed: %r", control.path, exc)
+        elif self._disk_mode and self._up() and not self._offline:
+            self._replay_own(until_empty=True)
         control.done.set()
+
+    def _record_upload(self, upload: _Upload, size: int, why: str) -> None:
+        self.spill.record_upload(
+            {
+                "path": os.path.abspath(upload.path),
+                "size": size,
+                "route": upload.route,
+                "label": upload.label,
+                "meta": None if upload.meta is None else _loads(_meta_text(upload.meta)),
+                "recorded_at": _format_ts(_now()),
+                "why": why,
+            }
+        )
 
     def _upload(self, upload: _Upload):
         path = upload.path
@@ -1924,27 +2780,26 @@ class ExperimentReporter:
             )
             return None
         if self._offline:
-            self.spill.record_upload(
-                {
-                    "path": os.path.abspath(path),
-                    "size": size,
-                    "route": upload.route,
-                    "label": upload.label,
-                    "meta": None if upload.meta is None else _loads(_meta_text(upload.meta)),
-                    "recorded_at": _format_ts(_now()),
-                }
-            )
+            self._record_upload(upload, size, "offline")
             return None
         if not self._up():
-            _log("warning", "argus: the server is unreachable; upload of %s skipped", path)
+            self._record_upload(upload, size, "server unreachable")
+            _log(
+                "warning",
+                "argus: the server is unreachable; upload of %s recorded for `python3 -m argus sync`",
+                path,
+            )
             return None
         fields = {}
         if upload.label is not None:
-            fields["label"] = str(upload.label)
+            fields["label"] = _text(upload.label)
         if upload.meta is not None:
             fields["meta"] = _meta_text(upload.meta)
         for attempt in range(3):
-            timeout = self._request_timeout()
+            gap = self._next_send - _mono()
+            if gap > 0 and not self._sleep(gap):
+                return None
+            timeout = self._request_timeout(max(1, size // 100_000))
             if timeout is None:
                 return None
             body = _MultipartBody(path, fields)
@@ -1954,20 +2809,40 @@ class ExperimentReporter:
                     "POST", upload.route, body, headers, timeout
                 )
             except _NetworkError as exc:
-                status, rheaders, data = None, {}, str(exc).encode()
-            if status is not None and 200 <= status < 300:
+                if not exc.sent and attempt < 2 and self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
+                    continue  # it never reached the server: a retry cannot store it twice
+                if not exc.sent:
+                    self._record_upload(upload, size, "server unreachable")
+                    _log("warning", "argus: upload of %s failed (%s); recorded for `python3 -m argus sync`", path, exc)
+                else:
+                    _log(
+                        "warning",
+                        "argus: upload of %s got no answer (%s); the server may still store it, "
+                        "so it is not sent again",
+                        path,
+                        exc,
+                    )
+                return None
+            if 200 <= status < 300:
                 try:
                     return _loads(data.decode("utf-8"))
                 except ValueError:
                     return {}
             if status == 429 and attempt < 2:
-                if not self._sleep(_retry_after(rheaders, 1.0)):
-                    return None
+                self._paced(_retry_after(rheaders, 1.0))
                 continue
-            if status is None or status >= 500:
-                if attempt < 2 and self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
-                    continue
-            if status == 404 and upload.batch_level:
+            if status >= 500 and attempt < 2 and self._sleep(_jitter(RETRY_BASE_S * 2**attempt)):
+                continue
+            if status in (401, 403):
+                self._record_upload(upload, size, "refused (%d)" % status)
+                _log(
+                    "warning",
+                    "argus: upload of %s refused (%d %s); recorded for `python3 -m argus sync` once the token works",
+                    path,
+                    status,
+                    _error_text(data),
+                )
+            elif status == 404 and upload.batch_level:
                 _log_once(
                     "no-batch-artifacts:%s" % self.url,
                     "warning",
@@ -1975,23 +2850,49 @@ class ExperimentReporter:
                     upload.route,
                 )
             else:
-                _log(
-                    "warning",
-                    "argus: upload of %s failed: %s",
-                    path,
-                    "HTTP %d %s" % (status, _error_text(data)) if status else data.decode(),
-                )
+                _log("warning", "argus: upload of %s failed: HTTP %d %s", path, status, _error_text(data))
+                if status == 500 and not upload.batch_level:
+                    _log_once(
+                        "upload-500:%s" % self.url,
+                        "warning",
+                        "argus: the Argus server answers 500 to uploads for a job_id that also "
+                        "exists in another batch (a server bug): give jobs ids that are unique "
+                        "across batches.",
+                    )
             return None
+        return None
 
     def _after_fork(self) -> None:
-        """In a forked child: drop the parent's queue, locks and thread; start fresh on use."""
+        """In a forked child: drop the parent's queue, locks and threads; start fresh on use."""
         claim = self._claim
         if claim is not None:
             claim._close()  # the parent keeps its claim; only this copy of the fd goes
         self._reset_runtime()
         self._replay_due = None  # the parent replays; the child only sends its own events
         self.spill.after_fork()
-        self._slow = not self.enabled or self._closed
+        self._state_lock = threading.RLock()
+        self._closed_evt = threading.Event()
+        if self._state is not _OPEN:
+            self._state = _CLOSED
+            self._closed_evt.set()
+        else:
+            _live.add(self)
+        self._slow = not self.enabled or self.durable or self._state is not _OPEN
+
+
+def _line_id(line: str) -> str:
+    """The event_id of an encoded event (the envelope starts with it)."""
+    return line[14:50] if line.startswith('{"event_id":"') else ""
+
+
+def _same_url(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and a.rstrip("/").lower() == b.rstrip("/").lower()
+
+
+def _url_was_invalid(url) -> bool:
+    """True when a URL was given but refused (it was logged already: say nothing more)."""
+    candidate = url or os.environ.get(ENV_URL, "").strip()
+    return bool(candidate) and not str(candidate).lower().startswith(("http://", "https://"))
 
 
 def _check_job_id(job_id) -> None:
@@ -2057,7 +2958,32 @@ def set_batch_id(batch_id: str) -> None:
     global _explicit_batch_id
     _check_batch_id(batch_id)
     _explicit_batch_id = batch_id
-    os.environ[ENV_BATCH_ID] = batch_id
+    if _env_base["saved"]:  # a Reporter is open: it names the batch until it closes
+        _env_base["value"] = batch_id
+    else:
+        os.environ[ENV_BATCH_ID] = batch_id
+
+
+_env_base = {"saved": False, "value": None}  # ARGUS_BATCH_ID as it was before any Reporter
+
+
+def _publish_batch_env() -> None:
+    """ARGUS_BATCH_ID names the innermost open batch; with none open, what it was before."""
+    innermost = _active[-1].batch_id if _active else None
+    current = os.environ.get(ENV_BATCH_ID)
+    if innermost is not None:
+        if not _env_base["saved"]:
+            _env_base.update(saved=True, value=current)
+        if current != innermost:
+            os.environ[ENV_BATCH_ID] = innermost
+        return
+    if _env_base["saved"]:
+        base = _env_base["value"]
+        _env_base.update(saved=False, value=None)
+        if base is None:
+            os.environ.pop(ENV_BATCH_ID, None)
+        elif current != base:
+            os.environ[ENV_BATCH_ID] = base
 
 
 def get_batch_id() -> str | None:
@@ -2436,6 +3362,8 @@ class Reporter:
         batch_id: str | None = None,
         resume_from: str | None = None,
         all_ranks: bool | None = None,
+        durable: bool | None = None,
+        drain_timeout: float | None = None,
     ):
         if not isinstance(batch_prefix, str) or not batch_prefix:
             raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
@@ -2444,6 +3372,8 @@ class Reporter:
                 _check_batch_id(value)
         if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
             auto_upload_dirs = [auto_upload_dirs]
+        if drain_timeout is not None and not (isinstance(drain_timeout, (int, float)) and drain_timeout >= 0):
+            raise ValueError("drain_timeout must be a number of seconds >= 0; got %r" % (drain_timeout,))
         self._batch_id = batch_id or resume_from or new_batch_id(batch_prefix)
         self.experiment_type = experiment_type
         self.source_project = source_project or "default"
@@ -2458,6 +3388,10 @@ class Reporter:
         self._token = token
         self._auto_upload_dirs = list(auto_upload_dirs or ())
         self._all_ranks = all_ranks
+        self._durable = durable
+        self._drain_timeout = drain_timeout
+        self._job_ids = {}  # job id -> how many jobs used it (a repeat is renamed id-2, id-3...)
+        self._end_sent = False
         self._sender = None
         self._stopped = False
         self._jobs = []
@@ -2466,10 +3400,11 @@ class Reporter:
         self._threads = []
         self._halt = threading.Event()
         self._entered = False
+        self._finishing = False
         self._finished = False
         self._pid = None
         self._t0 = 0.0
-        self._saved_env = None
+        self._env_thread = None
 
     @property
     def batch_id(self) -> str:
@@ -2481,14 +3416,48 @@ class Reporter:
         return self._stopped
 
     def job(self, job_id: str, *, model: str | None = None, dataset: str | None = None) -> JobContext:
+        """A job of this batch: ``with r.job("etth1_dlinear", model=..., dataset=...) as job:``."""
         return JobContext(self, job_id, model=model, dataset=dataset)
+
+    def _claim_job_id(self, job_id: str) -> str:
+        """The id a new job is recorded under: a repeat in this batch gets a suffix."""
+        uses = self._job_ids.get(job_id, 0) + 1
+        self._job_ids[job_id] = uses
+        if "/" in job_id and uses == 1:
+            _log_once(
+                "slash:" + job_id,
+                "warning",
+                "argus: job id %r contains '/': its events are recorded, but the server cannot "
+                "address its artifacts, so its uploads are skipped. Use another separator, "
+                "e.g. %r.",
+                job_id,
+                job_id.replace("/", ":"),
+            )
+        if uses == 1:
+            return job_id
+        renamed = "%s-%d" % (job_id, uses)
+        while renamed in self._job_ids:
+            uses += 1
+            renamed = "%s-%d" % (job_id, uses)
+        self._job_ids[renamed] = 1
+        _log(
+            "warning",
+            "argus: job id %r was already used in batch %s; this job is recorded as %r. "
+            "Give each job of a batch its own id.",
+            job_id,
+            self._batch_id,
+            renamed,
+        )
+        return renamed
 
     def emit(self, event: str, **fields) -> None:
         """Send one event of any type in this batch (escape hatch for unusual events)."""
+        if event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
+            raise ValueError(
+                "unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES + _SERVER_EXTRA_TYPES))
+            )
         if self._sender is not None:
             self._sender.emit(event, batch_id=self._batch_id, **fields)
-        elif event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
-            raise ValueError("unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES)))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what was emitted so far is delivered or spilled."""
@@ -2519,6 +3488,7 @@ class Reporter:
                 auth_token=self._token,
                 queue_size=int(_env_float(ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE)),
                 batch_id=self._batch_id,
+                durable=self._durable,
             )
             if sender.enabled:
                 self._sender = sender
@@ -2528,57 +3498,78 @@ class Reporter:
                     command=self.command if self.command is not None else _process_command(),
                 )
         _active.append(self)
-        self._saved_env = os.environ.get(ENV_BATCH_ID)
-        os.environ[ENV_BATCH_ID] = self._batch_id
+        self._env_thread = threading.get_ident()
+        _publish_batch_env()
         if self._sender is not None:
             _install_sigterm()
             self._start_daemons()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._finished or os.getpid() != self._pid:
+        if self._finishing or os.getpid() != self._pid:
             return False  # a forked child leaving the block does not end the parent's batch
         if exc_type is not None and issubclass(exc_type, GeneratorExit):
             exc_type = exc = None
-        self._finish(exc_type, exc)
+        try:
+            self._finish(exc_type, exc)
+        except Exception as exc2:  # never out of __exit__
+            _log("error", "argus: error while ending batch %s: %r", self._batch_id, exc2)
         return False
 
     def _finish(self, exc_type, exc, reason: str | None = None) -> None:
-        self._finished = True
+        self._finishing = True
         self._halt.set()
         for thread in self._threads:
             thread.join(THREAD_JOIN_S)
         sender = self._sender
         if sender is not None:
-            elapsed = round(_mono() - self._t0, 3)
             try:
                 if exc_type is None and reason is None:
-                    self._upload_dirs(sender)
-                    sender.batch_done(self._n_done, self._n_failed, total_elapsed_s=elapsed)
+                    self._upload_dirs(sender)  # a SIGTERM here ends the batch as failed instead
+                    self._send_end(None)
                 else:
-                    sender.batch_failed(reason or _reason(exc_type, exc), total_elapsed_s=elapsed)
+                    self._send_end(reason or _reason(exc_type, exc))
             finally:
-                sender.close(DRAIN_S)
+                sender.close(_drain_s(self._drain_timeout))
+        self._finished = True
+        self._leave()
+
+    def _send_end(self, failure: str | None) -> None:
+        """batch_done, or batch_failed with ``failure``: exactly one of them, once."""
+        if self._end_sent or self._sender is None:
+            return
+        self._end_sent = True
+        elapsed = round(_mono() - self._t0, 3)
+        if failure is None:
+            self._sender.batch_done(self._n_done, self._n_failed, total_elapsed_s=elapsed)
+        else:
+            self._sender.batch_failed(failure, total_elapsed_s=elapsed)
+
+    def _leave(self) -> None:
         if self in _active:
             _active.remove(self)
-        if self._saved_env is None:
-            os.environ.pop(ENV_BATCH_ID, None)
-        else:
-            os.environ[ENV_BATCH_ID] = self._saved_env
+        if threading.get_ident() == self._env_thread:
+            _publish_batch_env()
         _uninstall_sigterm()
 
     def _terminate(self, reason: str) -> None:
         """SIGTERM: fail the open jobs and the batch, then flush or spill within the bounds."""
-        if self._finished:
+        if self._finished or self._pid != os.getpid():
             return
+        self._finishing = True
+        self._halt.set()
         for job in reversed(list(self._jobs)):
             job._end(None, None, reason)
-        self._finish(None, None, reason)
+        self._send_end(reason)
+        if self._sender is not None:
+            self._sender.close(_drain_s(self._drain_timeout))
+        self._finished = True
+        self._leave()
 
     def _upload_dirs(self, sender: ExperimentReporter) -> None:
         uploads = []
         for directory in self._auto_upload_dirs:
-            for path in _artifact_files(directory, "**/*"):
+            for path in _artifact_files(os.fsdecode(directory), "**/*"):
                 route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
                 uploads.append(_Upload(route, path, None, None, True))
         if uploads:
@@ -2696,6 +3687,15 @@ def _artifact_files(path, pattern: str) -> list:
     return kept
 
 
+class _Ended:
+    """Stands in for the sender of a job whose block ended: its calls are refused, once loudly."""
+
+    _slow = True
+
+
+_ENDED = _Ended()
+
+
 class JobContext:
     """Context manager for one job of a batch: ``job_start`` in, ``job_done``/``job_failed`` out."""
 
@@ -2729,6 +3729,7 @@ class JobContext:
         self._entered = True
         self._pid = os.getpid()
         self._t0 = _mono()
+        self._job_id = self._parent._claim_job_id(self._job_id)
         self._sender = self._parent._sender
         self._parent._jobs.append(self)
         if self._sender is not None:
@@ -2740,16 +3741,21 @@ class JobContext:
             return False
         if exc_type is not None and issubclass(exc_type, GeneratorExit):
             exc_type = exc = None
-        self._end(exc_type, exc)
+        try:
+            self._end(exc_type, exc)
+        except Exception as exc2:  # never out of __exit__
+            _log("error", "argus: error while ending job %s: %r", self._job_id, exc2)
         return False
 
     def _end(self, exc_type, exc, reason: str | None = None) -> None:
         self._done = True
+        self._sender_after = self._sender
+        self._sender = _ENDED
         parent = self._parent
         if self in parent._jobs:
             parent._jobs.remove(self)
         elapsed = round(_mono() - self._t0, 3)
-        sender = self._sender
+        sender = self._sender_after
         if exc_type is None and reason is None:
             parent._n_done += 1
             if sender is not None:
@@ -2764,6 +3770,16 @@ class JobContext:
     def _not_entered(self) -> None:
         if not self._entered:
             raise RuntimeError("use the job as a context manager: `with reporter.job(job_id) as job:`")
+
+    def _after_end(self, call: str) -> None:
+        _log_once(
+            "ended:%d" % id(self),
+            "warning",
+            "argus: job.%s() for job %r after its `with` block ended is not sent. Call it "
+            "inside the block.",
+            call,
+            self._job_id,
+        )
 
     def epoch(
         self, epoch: int, *, train_loss=None, val_loss=None, lr=None, batch_time_ms=None, **extra
@@ -2799,6 +3815,8 @@ class JobContext:
         sender = self._sender
         if sender is None:
             return self._not_entered()
+        if sender is _ENDED:
+            return self._after_end("epoch")
         self._epochs += 1
         data = {"epoch": _epoch_number(epoch)}
         for key, value in (
@@ -2816,6 +3834,8 @@ class JobContext:
         """Stash final metrics; they are sent with ``job_done``."""
         if not isinstance(m, dict):
             raise TypeError("metrics() takes a dict, e.g. job.metrics({'MSE': 0.44}); got %r" % (m,))
+        if self._sender is _ENDED:
+            return self._after_end("metrics")
         self._metrics.update(_jsonable(m))
 
     def log(self, message, level: str = "INFO") -> None:
@@ -2823,6 +3843,8 @@ class JobContext:
         sender = self._sender
         if sender is None:
             return self._not_entered()
+        if sender is _ENDED:
+            return self._after_end("log")
         sender.log_line(self._job_id, message, level=level)
 
     def upload(self, path, *, glob: str = "**/*.png") -> int:
@@ -2835,6 +3857,12 @@ class JobContext:
         sender = self._sender
         if sender is None:
             self._not_entered()
+            return 0
+        if sender is _ENDED:
+            self._after_end("upload")
+            return 0
+        if "/" in self._job_id:
+            _log("warning", "argus: upload of %s skipped: job id %r contains '/'", path, self._job_id)
             return 0
         route = "/api/jobs/%s/artifacts" % _quote(self._job_id)
         uploads = [_Upload(route, p, None, None, False) for p in _artifact_files(path, glob)]
@@ -2859,8 +3887,11 @@ def _install_sigterm() -> None:
 
     try:
         current = signal.getsignal(signal.SIGTERM)
-        if current is _on_sigterm or current is signal.SIG_IGN or current is None:
-            return  # ours already, ignored on purpose, or set outside Python: leave it
+        if current is _on_sigterm:  # ours; in a forked child it now serves this process
+            _sigterm["pid"] = os.getpid()
+            return
+        if current is signal.SIG_IGN or current is None:
+            return  # ignored on purpose, or set outside Python: leave it
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError, AttributeError):
         return
@@ -2891,13 +3922,7 @@ def _on_sigterm(signum, frame) -> None:
         reason = "terminated by SIGTERM"
         if os.environ.get("SLURM_JOB_ID"):
             reason += " (SLURM job %s)" % os.environ["SLURM_JOB_ID"]
-        for reporter in reversed(list(_active)):
-            try:
-                reporter._terminate(reason)
-            except Exception as exc:
-                _log("error", "argus: could not record the SIGTERM: %r", exc)
-        for sender in list(_live):
-            sender.close(DRAIN_S)
+        _shutdown(reason)
     try:
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     except (ValueError, OSError, TypeError):
@@ -2908,63 +3933,114 @@ def _on_sigterm(signum, frame) -> None:
         os.kill(os.getpid(), signum)  # end exactly as without us: status 143 / -15
 
 
+def _shutdown(reason: str | None = None) -> None:
+    """The one shutdown path of the process: SIGTERM, atexit and multiprocessing's exit.
+
+    With a reason (a signal), the open jobs and batches of this process are marked failed;
+    then every sender drains within its bound and saves the rest. Never raises.
+    """
+    if reason is not None:
+        for reporter in reversed(list(_active)):
+            try:
+                reporter._terminate(reason)
+            except Exception as exc:
+                _log("error", "argus: could not record the end of batch %s: %r", reporter.batch_id, exc)
+    for sender in list(_live):
+        try:
+            sender.close(_drain_s())
+        except Exception as exc:
+            _log("error", "argus: could not close the sender: %r", exc)
+
+
+def _drain_s(explicit: float | None = None) -> float:
+    """How long an exit may wait for delivery: the argument, ARGUS_DRAIN_S, else DRAIN_S."""
+    if explicit is not None:
+        return max(0.0, float(explicit))
+    return max(0.0, _env_float(ENV_DRAIN_S, DRAIN_S))
+
+
 def _after_fork_in_child() -> None:
     global _state_lock
     _state_lock = threading.Lock()
     _spill_counts.clear()  # the parent sums up its own spills
     if _rng is not None:
         _rng.seed()  # the child must not draw the parent's event ids
+    if _imports["requests"] == "importing":
+        _imports["requests"] = "broken"  # half-imported in this child: use the stdlib transport
     for sender in list(_live):
         sender._after_fork()
     for reporter in _active:
         reporter._after_fork()
+    _register_mp_exit()
 
 
-_imports_done = threading.Event()  # the worker's lazy imports are complete (see _before_fork)
+_imports = {"done": False, "requests": None}
+_process_ready = {"pid": None}
 
 
-def _worker_imports() -> None:
-    """Import, once, the modules the delivery worker needs, at the top of its thread."""
-    if _imports_done.is_set():
+def _prepare_process(url: str | None) -> None:
+    """Once per process, on the thread that opens the first sender: import what the worker
+    needs (a fork while a thread imports leaves the child a half-made module, so these are
+    not left to the worker), install the fork hooks, and flush at multiprocessing's exit."""
+    if _process_ready["pid"] == os.getpid():
         return
+    _process_ready["pid"] = os.getpid()
     try:
         _dumps("")
         _loads("0")
         _uuid4()
+        _logger()  # logging's own fork hooks are then registered before ours
         import http.client  # noqa: F401
         import socket  # noqa: F401
-        import ssl  # noqa: F401
         import subprocess  # noqa: F401
         from urllib.parse import urlsplit  # noqa: F401
 
         "localhost".encode("idna")  # the codec the first connect looks up (encodings.idna)
-        if _transport_name() == "requests":
-            import requests  # noqa: F401
+        if url and url.lower().startswith("https"):
+            import ssl  # noqa: F401
     except Exception:
         pass
-    finally:
-        _imports_done.set()
+    if hasattr(os, "register_at_fork") and not _imports["done"]:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    _imports["done"] = True
+    _register_mp_exit()
 
 
-def _before_fork() -> None:
-    # A module that the worker thread is importing when the process forks stays half-made in
-    # the child's sys.modules (json, requests...), and the child's worker dies on it. Let the
-    # worker's first imports finish before forking: a fraction of a second, once per process.
-    if _live and not _imports_done.is_set():
-        _imports_done.wait(2.0)
+def _register_mp_exit() -> None:
+    """A multiprocessing child started by fork ends with os._exit: no atexit. Its finalizers
+    run, though, so the senders of such a child flush through one."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return
+    try:
+        if mp.parent_process() is None:
+            return
+        from multiprocessing import util
+
+        util.Finalize(None, _shutdown, exitpriority=100)
+    except Exception:
+        pass
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+def _worker_imports(url: str | None) -> None:
+    """On the worker: the slow optional import (requests) and the git lookup."""
+    if _imports["requests"] is None and _transport_name() == "requests":
+        _imports["requests"] = "importing"
+        try:
+            import requests  # noqa: F401
+        except Exception:
+            pass
+        if _imports["requests"] == "importing":
+            _imports["requests"] = "done"
+    try:
+        _detected_source()
+    except Exception:
+        pass
 
 
 def _at_exit() -> None:
     """Bounded flush of every open sender for code that never closed its Reporter."""
-    for sender in list(_live):
-        try:
-            sender.close(DRAIN_S)
-        except Exception:
-            pass
+    _shutdown(None)
     for directory, (spilled, dropped) in list(_spill_counts.items()):
         waiting = SpillStore(directory).backlog()["events"]
         message = "argus: %d event(s) could not be delivered during this run and were saved to %s" % (
@@ -2972,7 +4048,7 @@ def _at_exit() -> None:
             directory,
         )
         if waiting:
-            message += "; %d wait there now: they are sent at the next start or by `python -m argus sync`" % waiting
+            message += "; %d wait there now: they are sent at the next start or by `python3 -m argus sync`" % waiting
         if dropped:
             message += "; %d could not be saved (spill cap or disk error)" % dropped
         _log("warning", message)
@@ -4544,35 +5620,27 @@ def _cli_sender(url: str | None, token: str | None, directory: str | None = None
     return sender
 
 
-def _sync_pass(sender: ExperimentReporter, progress: bool) -> dict:
-    """Send every claimable spill file once; return counts."""
-    store = sender.spill
+def _sync_pass(sender: ExperimentReporter, progress: bool, retarget: bool = False) -> dict:
+    """Send every claimable spill file for this server once (every file with ``retarget``)."""
     sent = failed = 0
     t0 = _mono()
     skip = set()
+    match = None if retarget else sender._for_us
     while True:
-        claim = store.claim_next(skip)
-        if claim is None:
+        before = sender.delivered
+        outcome = sender._replay_once(RETRY_ATTEMPTS, skip=skip, match=match)
+        sent += sender.delivered - before
+        if outcome == "empty":
             break
-        skip.add(claim.path)
-        while True:
-            pairs = claim.next_chunk()
-            if not pairs:
-                claim.done()
-                break
-            before = sender.delivered
-            unsent = sender._send(pairs, RETRY_ATTEMPTS)
-            sent += sender.delivered - before
-            if progress:
-                rate = sent / max(1e-6, _mono() - t0)
-                left = len(claim.lines) - claim.pos + len(unsent)
-                sys.stderr.write("\rargus sync: %d sent (%.0f/s), %d left in this file " % (sent, rate, left))
-                sys.stderr.flush()
-            if unsent:
-                failed += len(unsent)
-                claim.release([line for _, line in unsent])
-                break
-        if failed:
+        if sender._claim is not None:
+            skip.add(sender._claim.path)
+        if progress and outcome in ("sent", "unsent"):
+            rate = sent / max(1e-6, _mono() - t0)
+            left = sender._claim.left() if sender._claim is not None else 0
+            sys.stderr.write("\rargus sync: %d sent (%.0f/s), %d left in this file " % (sent, rate, left))
+            sys.stderr.flush()
+        if outcome == "unsent":
+            failed += 1
             break  # the server stopped answering: leave the rest for the next pass
     uploads_sent, uploads_left = _sync_uploads(sender) if not failed else (0, 0)
     if progress:
@@ -4580,22 +5648,38 @@ def _sync_pass(sender: ExperimentReporter, progress: bool) -> dict:
     return {"sent": sent, "unsent": failed, "uploads": uploads_sent, "uploads_left": uploads_left}
 
 
+def _other_destinations(store: SpillStore, url: str | None) -> dict:
+    """Events waiting for servers other than ``url``: {url: events}."""
+    return {
+        destination: count
+        for destination, count in store.backlog()["destinations"].items()
+        if destination != "(any)" and not _same_url(destination, url) and count
+    }
+
+
 def _sync_uploads(sender: ExperimentReporter) -> tuple:
     """Send the uploads recorded in offline mode whose files still exist."""
     store = sender.spill
     path = os.path.join(store.directory, _PENDING_UPLOADS)
     claimed = path + ".sync-%d" % os.getpid()
+    sources = _orphaned_upload_claims(path)  # left by a sync that was killed
     try:
         os.rename(path, claimed)  # writers append to a fresh file meanwhile
+        sources.append(claimed)
     except OSError:
-        return 0, 0
+        if not sources:
+            return 0, 0
     pending = []
-    with open(claimed, encoding="utf-8") as f:
-        for line in f:
-            try:
-                pending.append(_loads(line))
-            except ValueError:  # a blank or torn line
-                pass
+    for source in sources:
+        try:
+            with open(source, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        pending.append(_loads(line))
+                    except ValueError:  # a blank or torn line
+                        pass
+        except OSError:
+            continue
     sent, keep = 0, []
     try:
         while pending:
@@ -4616,8 +5700,34 @@ def _sync_uploads(sender: ExperimentReporter) -> tuple:
     finally:  # interrupted (Ctrl-C): what was not sent goes back for the next sync
         if keep or pending:
             store.record_upload_many(keep + pending)
-        os.unlink(claimed)
+        for source in sources:
+            _unlink(source)
     return sent, len(keep)
+
+
+def _orphaned_upload_claims(path: str) -> list:
+    """``pending-uploads.jsonl.sync-<pid>`` files whose sync process is gone."""
+    import glob
+
+    orphans = []
+    for claimed in glob.glob(glob.escape(path) + ".sync-*"):
+        try:
+            pid = int(claimed.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            orphans.append(claimed)
+    return orphans
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _cmd_sync(args) -> int:
@@ -4634,11 +5744,26 @@ def _cmd_sync(args) -> int:
         return 2
     store = sender.spill
     progress = sys.stderr.isatty()
+    others = _other_destinations(store, sender.url)
+    if others and args.retarget:
+        print(
+            "argus sync: --retarget: sending %d event(s) written for %s to %s"
+            % (sum(others.values()), ", ".join(sorted(others)), sender.url),
+            file=sys.stderr,
+        )
+    elif others:
+        for url, count in sorted(others.items()):
+            print(
+                "argus sync: %d event(s) in %s were written for %s, not %s: left alone. Run "
+                "`%s=%s argus sync` (with its token), or add --retarget to send them here."
+                % (count, store.directory, url, sender.url, ENV_URL, url),
+                file=sys.stderr,
+            )
     total = {"sent": 0, "unsent": 0, "uploads": 0, "uploads_left": 0}
     delay = args.watch
     try:
         while True:
-            result = _sync_pass(sender, progress)
+            result = _sync_pass(sender, progress, args.retarget)
             for key in total:
                 total[key] = total[key] + result[key] if key in ("sent", "uploads") else result[key]
             if not args.watch:
@@ -4648,18 +5773,19 @@ def _cmd_sync(args) -> int:
     except KeyboardInterrupt:
         pass
     backlog = store.backlog()
+    left = backlog["events"]
     print(
         "argus sync: %d event(s) sent, %d upload(s) sent; %d event(s) left in %s, %d rejected (in %s)"
         % (
             total["sent"],
             total["uploads"],
-            backlog["events"],
+            left,
             store.directory,
             store.rejected,
             _DEAD_LETTER,
         )
     )
-    return 0 if backlog["events"] == 0 and not backlog["pending_uploads"] else 1
+    return 0 if left == 0 and not backlog["pending_uploads"] else 1
 
 
 def _redact(token: str | None) -> str | None:
@@ -4966,6 +6092,11 @@ def _build_parser():
     p.add_argument("--token", help="SDK token (default: $%s)" % ENV_TOKEN)
     p.add_argument("--watch", type=float, metavar="SECONDS", help="keep syncing every SECONDS")
     p.add_argument("--dry-run", action="store_true", help="only report what would be sent")
+    p.add_argument(
+        "--retarget",
+        action="store_true",
+        help="send every spilled event to --url/$%s, also those written for another server" % ENV_URL,
+    )
     p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("status", help="resolved configuration, spill backlog, server check")

@@ -95,7 +95,7 @@ def spilled_events(directory) -> list:
         if path.name.startswith(("deadletter", "pending-uploads")):
             continue
         for line in path.read_text().splitlines():
-            if line.strip():
+            if line.strip() and not line.startswith('{"argus_spill"'):  # the destination header
                 events.append(json.loads(line))
     return events
 

@@ -519,7 +519,11 @@ def test_emit_to_a_dead_server_spills_the_event_for_sync(fake, spill_dir):
     assert "not delivered" in out.stderr and str(spill_dir) in out.stderr
     (event,) = spilled_events(spill_dir)
     assert (event["event_type"], event["batch_id"], event["data"]) == ("batch_done", "emit-3", {"n_done": 2})
-    assert argus.main(["sync", "--url", fake.url]) == 0
+    # The file records the server it was meant for: a sync to another server leaves it alone
+    # (and says so) unless asked to --retarget.
+    assert argus.main(["sync", "--url", fake.url]) == 1
+    assert fake.events == {} and len(spilled_events(spill_dir)) == 1
+    assert argus.main(["sync", "--url", fake.url, "--retarget"]) == 0
     assert list(fake.events) == [event["event_id"]]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import run_script, spilled_events, validate_event
+from conftest import run_script, validate_event
 
 
 def quiet_reporter(fake, **kwargs):
@@ -551,15 +551,6 @@ def test_every_captured_event_is_schema_valid(fake):
     for event in fake.events.values():
         validate_event(event)
     assert len(fake.events) == 5
-
-
-def test_events_after_close_are_spilled_not_lost(fake, spill_dir):
-    with quiet_reporter(fake) as r:
-        with r.job("j") as job:
-            pass
-    job.log("after the batch ended")
-    events = spilled_events(spill_dir)
-    assert [e["event_type"] for e in events] == ["log_line"]
 
 
 def test_secrets_on_the_command_line_are_not_recorded(fake, tmp_path):

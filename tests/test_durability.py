@@ -433,7 +433,7 @@ def test_refused_credentials_or_url_keep_events_on_disk_with_one_error_and_no_ha
     assert len(spilled_events(spill_dir)) == 30 + LIFECYCLE
     errors = [line for line in proc.stderr.splitlines() if cause in line]
     assert len(errors) == 1, proc.stderr
-    assert "python -m argus sync" in errors[0]
+    assert "python3 -m argus sync" in errors[0]
     with fake.lock:
         fake.script.clear()  # token or URL fixed
     assert sync(fake.url) == 0
@@ -647,7 +647,7 @@ def test_the_spill_cap_refuses_events_loudly_and_counts_them(spill_dir):
     assert size <= 1024 * 1024
     assert 0 < kept < 3004  # (a chunk that does not fit whole is refused whole)
     assert messages and refused[-1] == 3004 - kept  # every refused event is counted, out loud
-    assert "ARGUS_SPILL_MAX_MB" in messages[0] and "python -m argus sync" in messages[0]
+    assert "ARGUS_SPILL_MAX_MB" in messages[0] and "python3 -m argus sync" in messages[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ def test_upload_retries_5xx_and_429_and_gives_up_on_413(
 # ---------------------------------------------------------------------------------------
 
 
-def test_uploads_are_skipped_while_the_server_is_unreachable(tmp_path, monkeypatch, caplog):
+def test_uploads_while_the_server_is_unreachable_are_recorded_for_sync(tmp_path, monkeypatch, caplog, spill_dir):
     monkeypatch.setattr(argus, "RETRY_BASE_S", 0.001)  # reach "unreachable" without the real backoff
     caplog.set_level(logging.WARNING, logger="argus")
     plot = write(tmp_path / "p.png")
@@ -364,24 +364,31 @@ def test_uploads_are_skipped_while_the_server_is_unreachable(tmp_path, monkeypat
         with r.job("j") as job:
             assert job.upload(plot) == 0
     assert time.monotonic() - start < 5
-    assert "argus: the server is unreachable; upload of %s skipped" % plot in messages(caplog)
-    # A first contact that is an upload (nothing spilled to replay first): three tries, then None.
-    with argus.ExperimentReporter(dead, "p", spill_path=tmp_path / "empty-spill") as sender:
+    assert "argus: the server is unreachable; upload of %s recorded for `python3 -m argus sync`" % plot in messages(
+        caplog
+    )
+    pending = [json.loads(line) for line in (spill_dir / "pending-uploads.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["route"], e["why"]) for e in pending] == [(str(plot), "/api/jobs/j/artifacts", "server unreachable")]
+    # A first contact that is an upload (nothing spilled to replay first): the connection is
+    # refused, so it never reached the server: retried, then recorded too.
+    other = tmp_path / "empty-spill"
+    with argus.ExperimentReporter(dead, "p", spill_path=other) as sender:
         assert sender.job_artifact("j", plot) is None
-    assert any(m.startswith("argus: upload of %s failed: " % plot) for m in messages(caplog))
+    assert any(m.startswith("argus: upload of %s failed (connection refused); recorded" % plot) for m in messages(caplog))
+    assert len((other / "pending-uploads.jsonl").read_text().splitlines()) == 1
 
 
 def test_offline_mode_records_uploads_for_sync_instead_of_sending(fake, tmp_path, monkeypatch, spill_dir):
     monkeypatch.setenv("ARGUS_OFFLINE", "1")
     plot = write(tmp_path / "p.png", b"12345")
     with quiet_reporter(fake.url) as r:
-        with r.job("j/1") as job:
+        with r.job("j 1") as job:
             assert job.upload(plot) == 0  # nothing was uploaded (yet)
     assert fake.artifacts == [] and fake.requests == []
     lines = (spill_dir / "pending-uploads.jsonl").read_text().splitlines()
     entry = json.loads(lines[0])
     assert len(lines) == 1
-    assert (entry["path"], entry["size"], entry["route"]) == (str(plot), 5, "/api/jobs/j%2F1/artifacts")
+    assert (entry["path"], entry["size"], entry["route"]) == (str(plot), 5, "/api/jobs/j%201/artifacts")
     assert entry["label"] is None and entry["meta"] is None
 
 
@@ -395,6 +402,9 @@ def test_uploads_without_a_server_or_after_close_return_nothing(fake, tmp_path, 
     sender = argus.ExperimentReporter(fake.url, "p")
     sender.close()
     assert sender.job_artifact("j", plot) is None
-    assert "argus: upload after close() skipped: %s" % plot in messages(caplog)
+    assert any(
+        m.startswith("argus: an upload of %s after the Reporter of batch" % plot) and "is not sent" in m
+        for m in messages(caplog)
+    )
     with pytest.raises(RuntimeError, match="context manager"):
         argus.Reporter(monitor_url=fake.url).job("j").upload(plot)

@@ -1,0 +1,103 @@
+"""API misuse gets one clear message, and the training run goes on.
+
+Each case: the message a user sees (once), what reaches the server, and that the code after
+the mistake still runs and still reports.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import argus
+from conftest import spilled_events
+
+
+def quiet_reporter(fake, **kwargs):
+    kwargs.setdefault("heartbeat", False)
+    kwargs.setdefault("stop_polling", False)
+    kwargs.setdefault("resource_snapshot", False)
+    return argus.Reporter(monitor_url=fake.url, **kwargs)
+
+
+def argus_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "argus" and r.levelno >= logging.WARNING]
+
+
+def test_job_calls_after_the_job_ended_warn_once_and_send_nothing(fake, caplog, spill_dir, monkeypatch):
+    monkeypatch.setattr(argus, "_logged_once", set())
+    with quiet_reporter(fake) as r:
+        with r.job("early") as job:
+            job.epoch(0, train_loss=1.0)
+        job.epoch(1, train_loss=0.5)  # after job_done: refused
+        job.log("late line")
+        job.upload(spill_dir)  # a directory: refused before it is even looked at
+        job.metrics({"MSE": 1.0})
+        with r.job("next") as nxt:  # the run goes on
+            nxt.epoch(0, train_loss=0.1)
+    messages = [m for m in argus_warnings(caplog) if "after its `with` block ended" in m]
+    assert len(messages) == 1 and "'early'" in messages[0] and "job.epoch()" in messages[0]
+    early = [e for e in fake.events.values() if e.get("job_id") == "early"]
+    assert sorted(e["event_type"] for e in early) == ["job_done", "job_epoch", "job_start"]
+    assert [e["data"]["epoch"] for e in early if e["event_type"] == "job_epoch"] == [0]
+    assert len(fake.of_type("job_epoch")) == 2 and fake.of_type("batch_done")
+    assert spilled_events(spill_dir) == []
+
+
+def test_calls_after_the_reporter_closed_warn_once_and_are_not_saved(fake, caplog, spill_dir, monkeypatch):
+    monkeypatch.setattr(argus, "_logged_once", set())
+    with quiet_reporter(fake) as r:
+        pass
+    r.emit("log_line", job_id="late", line="x")
+    r.emit("resource_snapshot", cpu_util_pct=1.0)
+    assert r.flush() is True
+    messages = [m for m in argus_warnings(caplog) if "was closed is not sent" in m]
+    assert len(messages) == 1 and r.batch_id in messages[0]
+    assert not [m for m in argus_warnings(caplog) if "could not be delivered" in m]
+    assert spilled_events(spill_dir) == []  # a later `argus sync` cannot put it in the finished batch
+    assert {e["event_type"] for e in fake.events.values()} == {"batch_start", "batch_done"}
+    with quiet_reporter(fake) as r2:  # a new Reporter works as before
+        r2.emit("resource_snapshot", cpu_util_pct=2.0)
+    assert len(fake.of_type("resource_snapshot")) == 1
+
+
+def test_a_repeated_job_id_is_recorded_under_a_new_id_with_a_warning(fake, caplog):
+    with quiet_reporter(fake) as r:
+        with r.job("train") as first:
+            first.epoch(0, train_loss=1.0)
+        with r.job("train") as second:
+            second.epoch(0, train_loss=2.0)
+        with r.job("train") as third:
+            third.epoch(0, train_loss=3.0)
+    assert (first.job_id, second.job_id, third.job_id) == ("train", "train-2", "train-3")
+    messages = [m for m in argus_warnings(caplog) if "was already used" in m]
+    assert len(messages) == 2 and "'train-2'" in messages[0]
+    epochs = {e["job_id"]: e["data"]["train_loss"] for e in fake.of_type("job_epoch")}
+    assert epochs == {"train": 1.0, "train-2": 2.0, "train-3": 3.0}  # three rows, not one merged
+    assert fake.of_type("batch_done")[0]["data"]["n_done"] == 3
+
+
+def test_a_job_id_with_a_slash_warns_and_skips_uploads(fake, caplog, tmp_path, monkeypatch):
+    monkeypatch.setattr(argus, "_logged_once", set())
+    plot = tmp_path / "loss.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with quiet_reporter(fake) as r:
+        with r.job("etth1/dlinear") as job:
+            job.epoch(0, train_loss=1.0)
+            assert job.upload(plot) == 0
+    warnings = argus_warnings(caplog)
+    assert len([m for m in warnings if "contains '/'" in m and "its uploads are skipped" in m]) == 1
+    assert any("upload of" in m and "skipped" in m for m in warnings)
+    assert [e["job_id"] for e in fake.of_type("job_epoch")] == ["etth1/dlinear"]
+    assert fake.of_type("job_done") and not fake.artifacts
+
+
+def test_a_url_without_a_scheme_gets_one_line_and_the_run_goes_on(caplog, monkeypatch):
+    monkeypatch.setattr(argus, "_logged_once", set())  # "once per process": start afresh
+    with argus.Reporter(monitor_url="argus.example.org:8000", heartbeat=False) as r:
+        with r.job("j") as job:
+            job.epoch(0, train_loss=1.0)
+        ran_to_the_end = True
+    lines = argus_warnings(caplog)
+    assert len(lines) == 1, lines
+    assert "has no scheme" in lines[0] and "http://host:port" in lines[0]
+    assert ran_to_the_end
