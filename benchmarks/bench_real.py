@@ -78,7 +78,7 @@ def s1_rows(f: dict) -> list:
         ("requests given up while the server worked", _fmt(srv["gave_up_ingest"]), "s1_gave_up"),
         ("  client waited before giving up (median)", _fmt(srv["gave_up_after_s"]["median"], " s"), None),
         ("  server work done for nobody", _fmt(srv["worked_after_gave_up_s"], " s"), None),
-        ("exit: end of emitting -> process end", _fmt(f["exit_s"]["median"], " s"), None),
+        ("exit: end of emitting -> last exit handler", _fmt(f["exit_s"]["median"], " s"), None),
         ("requests (ingest) / answered 429", "%s / %s" % (srv["ingest_requests"], srv["rate_limited"]), None),
         ("events per accepted request: median / max", "%s / %s" % (_fmt(sizes["median"]), _fmt(sizes["max"])), None),
     ]
@@ -108,11 +108,12 @@ def s2_rows(f: dict) -> list:
         ("delivered during the run", "%s (%s)" % (run["stored_in_run"], _fmt(run["delivered_in_run_pct"], " %")), "s2_in_run"),
         ("requests answered 429", "%s of %s (%s)" % (srv["rate_limited"], srv["requests"], _fmt(srv["rate_limited_pct"], " %")), "s2_429"),
         ("median events per accepted ingest request", _fmt(sizes["median"]), "s2_median"),
-        ("accepted ingest requests / ceiling", "%s / %s" % (srv["ingest_accepted"], f["request_ceiling"]), None),
+        ("requests used: sent / accepted / ceiling", "%s / %s / %s" % (
+            srv["requests"], srv["ingest_accepted"] + srv["daemon_accepted"], f["request_ceiling"]), None),
         ("  run length (start -> last exit)", _fmt(f["run_length_s"], " s"), None),
         ("spilled at exit (on disk)", _fmt(run["spilled"]), None),
         ("lost before any sync", _fmt(run["lost"]), None),
-        ("exit: end of emitting -> process end (median/max)",
+        ("exit: end of emitting -> last exit handler (median/max)",
          "%s / %s" % (_fmt(f["exit_s"]["median"], " s"), _fmt(f["exit_s"]["max"], " s")), None),
         ("requests given up while the server worked", _fmt(f["server_after_run"]["gave_up_ingest"]), None),
     ]

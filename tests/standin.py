@@ -326,6 +326,11 @@ class StandIn:
             request_queue_size = 1024  # the default (5) drops SYNs when 200 clients connect at once
             allow_reuse_address = True
 
+            def handle_error(self, request, client_address):
+                # a client that resets its idle keep-alive connection, or exits, is routine
+                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, socket.timeout)):
+                    super().handle_error(request, client_address)
+
         self._server = Server(("127.0.0.1", self.port), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="standin", daemon=True
@@ -806,6 +811,17 @@ def client_main(argv) -> int:
     p.add_argument("--stop-polling", type=float, default=0.0, help="interval in s (0: off)")
     p.add_argument("--resource", type=float, default=0.0, help="interval in s (0: off)")
     args = p.parse_args(argv)
+    done_path = args.result + ".atexit"
+
+    def stamp_end():
+        # registered before argus is imported, so it runs after argus's own exit handlers
+        # (atexit runs last-registered first): the moment the client's exit work was over
+        with open(done_path, "w", encoding="utf-8") as f:
+            f.write("%.6f" % time.time())
+
+    import atexit
+
+    atexit.register(stamp_end)
 
     # What a client's worker imports on its first request, imported now: fifty processes
     # that start together should not starve two cores at the moment they begin to send.
@@ -881,13 +897,18 @@ class Client:
         self.stderr_path = os.path.join(folder, "stderr.txt")
         self.proc = None
         self.ready = False
-        self.exit_wall = None  # when the process had ended (wall clock)
+        self.exit_wall = None  # when the harness saw the process end (wall clock)
         self.returncode = None
         self.result = {}
 
     def spill_dirs(self) -> list:
         # ours: ARGUS_SPILL_DIR; upstream: ~/.argus-reporter (it ignores ARGUS_SPILL_DIR)
         return [self.spill, os.path.join(self.home, ".argus-reporter")]
+
+    def end_of_run(self) -> float | None:
+        """When the client's last exit handler had run (its own clock; the harness's view of
+        the process end can lag by seconds when fifty processes end at once on two cores)."""
+        return self.result.get("t_atexit_done") or self.exit_wall
 
     def stderr(self) -> str:
         try:
@@ -1023,6 +1044,11 @@ def wait_clients(clients: list, timeout: float) -> None:
                 client.result = json.load(f)
         except (OSError, ValueError):
             client.result = {}
+        try:
+            with open(client.result_path + ".atexit", encoding="utf-8") as f:
+                client.result["t_atexit_done"] = float(f.read())
+        except (OSError, ValueError):
+            pass
 
 
 def spilled_events(directories) -> dict:
@@ -1097,7 +1123,7 @@ def account(server: StandIn, clients: list, planned_epochs: int) -> dict:
             if e.get("batch_id") == batch_id and e.get("event_type") == "job_epoch"
         }
         emit_end = result.get("t_emit_end") or float("inf")
-        exit_wall = client.exit_wall or float("inf")
+        exit_wall = client.end_of_run() or float("inf")
         totals["stored_by_emit_end"] += sum(1 for t in stored_epochs.values() if t <= emit_end)
         totals["stored_in_run"] += sum(1 for t in stored_epochs.values() if t <= exit_wall)
         totals["stored_late"] += sum(1 for t in stored_epochs.values() if t > exit_wall)
@@ -1131,15 +1157,17 @@ def run_sync(python: str, client: Client, url: str, token: str, repo: str = REPO
 
 
 def _exit_figures(clients: list) -> dict:
-    """From the end of emitting to the end of the process, and the with-blocks' own exit."""
-    process, blocks = [], []
+    """From the end of emitting to: the with-blocks' return, the last exit handler, and the
+    process end as the harness saw it."""
+    out = {"with_exit_s": [], "exit_s": [], "process_end_s": []}
     for c in clients:
         r = c.result
-        if r.get("t_emit_end") and c.exit_wall:
-            process.append(round(c.exit_wall - r["t_emit_end"], 3))
-        if r.get("t_emit_end") and r.get("t_exit_end"):
-            blocks.append(round(r["t_exit_end"] - r["t_emit_end"], 3))
-    return {"exit_s": _spread(process), "with_exit_s": _spread(blocks)}
+        if not r.get("t_emit_end"):
+            continue
+        for key, end in (("with_exit_s", r.get("t_exit_end")), ("exit_s", c.end_of_run()), ("process_end_s", c.exit_wall)):
+            if end:
+                out[key].append(round(end - r["t_emit_end"], 3))
+    return {key: _spread(values) for key, values in out.items()}
 
 
 def _stderr_summary(clients: list, keep: int = 6) -> dict:
@@ -1201,7 +1229,7 @@ def scenario(
         start_at = start_clients(clients)
         run_s = epochs / rate if rate > 0 else 0.0
         wait_clients(clients, timeout=run_s + 180.0)
-        last_exit = max((c.exit_wall for c in clients if c.exit_wall), default=time.time())
+        last_exit = max((c.end_of_run() for c in clients if c.end_of_run()), default=time.time())
         log("%s: clients ended %.1f s after the start; waiting for the server to finish" % (kind, last_exit - start_at))
         server.wait_idle(timeout=120.0)
         run_stats = server.stats(until=last_exit)
@@ -1222,6 +1250,13 @@ def scenario(
             "client_returncodes": sorted({c.returncode for c in clients}, key=str),
         }
         figures.update(_exit_figures(clients))
+        with server.lock:  # the requests nobody waited for: how big, how long, what timeout
+            figures["gave_up_requests"] = [
+                {"t": round(r["t"] - start_at, 3), "dur": round((r["t_end"] or r["t"]) - r["t"], 3),
+                 "route": r["route"], "events": r["events"], "status": r["status"],
+                 "gave_up_after_s": r["gave_up_after_s"]}
+                for r in server.requests if r["gave_up"]
+            ][:50]
         if procs == 1:  # one client: its request sequence tells how it sizes and times requests
             with server.lock:
                 figures["request_log"] = [

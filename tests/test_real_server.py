@@ -226,7 +226,7 @@ def test_one_slow_server_client_loses_nothing_and_the_server_never_works_for_nob
         ("(info) delivered during the run", run["stored_in_run"], "-", True),
         ("(info) spilled at exit", run["spilled"], "-", True),
         ("(info) events per accepted request", total["events_per_accepted_request"], "-", True),
-        ("(info) exit, end of emitting -> process end (s)", f["exit_s"]["median"], "-", True),
+        ("(info) exit, end of emitting -> last exit handler (s)", f["exit_s"]["median"], "-", True),
     ])
 
 
