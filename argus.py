@@ -88,6 +88,7 @@ TARGET_REQUEST_S = 1.5  # requests are sized so that the server answers in about
 MIN_BATCH_EVENTS = 10  # ... but never smaller than this
 REQUEST_TIMEOUT_MAX_S = 120.0  # the timeout grows with what a request carries, up to this
 PACE_MAX_S = 30.0  # after 429s, the gap between requests grows up to this
+LINGER_S = 0.75  # a request with less than a full batch leaves at most this often
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0  # cap of the backoff between probes of a down server
 RETRY_AFTER_CAP_S = 60.0  # a 429's Retry-After is honoured up to this
@@ -684,6 +685,8 @@ _PENDING_UPLOADS = "pending-uploads.jsonl"
 
 
 _spill_counts = {}  # directory -> [spilled, refused] by this process's senders: the exit summary
+_destinations = {}  # directory -> (url, token) of a sender that spilled there: the exit hand-off
+_server_rate = {"events_per_s": None}  # the server's measured ingest speed, for the exit line
 
 
 def _lock_nb(fd: int) -> bool:
@@ -1173,6 +1176,14 @@ class _Claim:
         self.store.forget(self.path)
         self._close()
 
+    def rewrite(self, lines: list) -> None:
+        """Give the file back holding only ``lines`` (deleted when there are none)."""
+        self.lines, self.pos = lines, 0
+        if not lines:
+            return self.done()
+        self.pos = len(lines)  # release() rewrites a file it has read from
+        self.release(lines)
+
     def release(self, unsent=()) -> None:
         """Give the file back, keeping ``unsent`` plus everything not yet read."""
         remaining = list(unsent) + self.lines[self.pos :]
@@ -1533,6 +1544,11 @@ def _retry_after(headers: dict, default: float) -> float:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
+def _random() -> float:
+    """Uniform in [0, 1), from os.urandom: forked processes must not draw the same numbers."""
+    return int.from_bytes(os.urandom(2), "big") / 65536.0
+
+
 def _jitter(seconds: float) -> float:
     return seconds * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0)
 
@@ -1689,6 +1705,8 @@ class ExperimentReporter:
                 spill_path = os.path.dirname(spill_path) or "."
         self.spill = SpillStore(spill_path, url=self.url, token=self._token)
         self.spill.summarise = _worker and not self._offline  # not the CLI, nor offline mode
+        if self.spill.summarise and self.url:
+            _destinations[self.spill.directory] = (self.url, self._token)
         self.durable = bool(
             self.enabled and _worker and (_env_flag(ENV_DURABLE) if durable is None else durable)
         )
@@ -1702,7 +1720,9 @@ class ExperimentReporter:
         self._batch_limit = MAX_BATCH_EVENTS
         self._per_event_s = None  # the server's measured time per event (smoothed)
         self._pace_gap = 0.0  # seconds between requests after 429s (shared by the daemons)
-        self._next_send = 0.0
+        self._next_send = 0.0  # after 429s: no request before this (monotonic time)
+        self._linger_until = _mono() + LINGER_S  # the first request takes the first events along
+        self._pace_streak = 0  # answers without a 429 since the last one
         self._sent_429 = 0
         self._reset_runtime()
         self._slow = not self.enabled or self.durable  # True: _submit takes the careful path
@@ -1729,6 +1749,7 @@ class ExperimentReporter:
         self._inflight_since = 0.0
         self._inflight_journaled = False
         self._deferred = False  # the last live send was put off by a 429
+        self._controls = 0  # uploads and flush markers queued: no lingering while one waits
         self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
         self._request_deadline = None
         self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
@@ -1981,6 +2002,7 @@ class ExperimentReporter:
         if self._state is not _OPEN:
             self._refuse("an upload of %s" % uploads[0].path)
             return [None] * len(uploads)
+        self._controls += len(uploads)
         for upload in uploads:
             self._queue.append(upload)
         self._wake()
@@ -1998,6 +2020,7 @@ class ExperimentReporter:
             return True
         try:
             marker = _Flush()
+            self._controls += 1
             self._queue.append(marker)
             self._wake()
             return marker.done.wait(timeout)
@@ -2082,6 +2105,8 @@ class ExperimentReporter:
             claim, self._claim = (self._claim, None) if not worker_alive else (None, self._claim)
             if claim is not None:
                 claim.release()
+            if self._acked and not worker_alive:
+                self._prune_acked()
             if self.durable and not self._disk_mode and not worker_alive:
                 self.spill.discard_open()  # every event in the journal was acknowledged
             else:
@@ -2092,6 +2117,23 @@ class ExperimentReporter:
             _live.discard(self)
             if worker_alive and self._transport is not None:
                 self._transport.abort()
+
+    def _prune_acked(self) -> None:
+        """Take the events the server acknowledged after they were written out of this run's
+        files, so that the next replay does not make the server process them again."""
+        self.spill.rotate()
+        skip = set()
+        while self._acked:
+            claim = self.spill.claim_next(skip=skip, own_only=True)
+            if claim is None:
+                break
+            skip.add(claim.path)
+            kept = [line for line in claim.lines if _line_id(line) not in self._acked]
+            if len(kept) == len(claim.lines):
+                claim.release()
+            else:
+                claim.rewrite(kept)
+        self._acked.clear()
 
     def _count_queued(self) -> int:
         count = len([i for i in self._queue if type(i) is tuple])
@@ -2229,6 +2271,8 @@ class ExperimentReporter:
                 if self._disk_step():
                     continue
             elif self._queue and (self._up() or self._offline or _mono() >= self._disk_retry_at):
+                if self._pacing():
+                    continue  # a shared token: let more pile up for the next request
                 events, control = self._take()
                 if events:
                     self._deliver(events)
@@ -2272,6 +2316,27 @@ class ExperimentReporter:
         if self._replay_due is None:
             return 1.0
         return min(1.0, max(0.005, max(self._replay_due, self._down_until) - _mono()))
+
+    def _pacing(self) -> bool:
+        """Wait out the linger (and, after 429s, the pacing gap) before taking what to send,
+        so that what queues meanwhile leaves in the same request: a token's request budget
+        is shared by every process that uses it. A full batch, a flush or an upload waiting,
+        or closing, does not wait. True when it waited (the caller loops)."""
+        if self._state is not _OPEN or self._controls:
+            return False
+        if self._disk_mode:  # the backlog on disk is what leaves: only 429s hold it back
+            gap = self._next_send - _mono()
+        else:
+            if len(self._queue) >= self._batch_limit:
+                return False
+            gap = max(self._next_send, self._linger_until) - _mono()
+        if gap <= 0:
+            return False
+        self._idle = False
+        self._stop_evt.wait(min(gap, 0.25))
+        if self._disk_mode:
+            self._queue_to_disk()
+        return True
 
     def _take(self) -> tuple:
         events, control, nbytes, on_disk = [], None, 0, True
@@ -2359,6 +2424,8 @@ class ExperimentReporter:
             if self._state is not _OPEN:
                 return False
             self._wait()
+            return True
+        if self._pacing():
             return True
         if self._replay_own():
             return True
@@ -2517,11 +2584,14 @@ class ExperimentReporter:
         transport = self._get_transport()
         attempt = 0
         while pairs:
-            if len(pairs) > self._batch_limit:  # after a slow answer or a timeout: send less
-                head = self._send(pairs[: self._batch_limit], attempts)
+            limit = self._fitting_limit()
+            if limit < 1:
+                return pairs  # closing: no request would be answered before the deadline
+            if len(pairs) > limit:  # after a slow answer or a timeout, or near the deadline
+                head = self._send(pairs[:limit], attempts)
                 if head:
-                    return head + pairs[self._batch_limit :]
-                pairs = pairs[self._batch_limit :]
+                    return head + pairs[limit:]
+                pairs = pairs[limit:]
                 continue
             gap = self._next_send - _mono()
             if gap > 0 and not self._sleep(gap):
@@ -2549,6 +2619,7 @@ class ExperimentReporter:
             finally:
                 self._request_deadline = None
             elapsed = _mono() - started
+            self._linger_until = _mono() + LINGER_S
             if status is not None and 200 <= status < 300:
                 retry, odd = self._read_results(pairs, data, single)
                 if odd is None:
@@ -2619,15 +2690,27 @@ class ExperimentReporter:
                 return pairs
         return []
 
+    def _fitting_limit(self) -> int:
+        """The batch size for the next request. While closing, only what the server can
+        answer before the deadline: a request given up on is work the server does for nobody."""
+        limit = self._batch_limit
+        if self._deadline is None or self._per_event_s is None:
+            return limit
+        left = self._deadline - _mono() - 0.2
+        return min(limit, int(left / (self._per_event_s * 1.5 + 1e-9)))
+
     def _measured(self, n_events: int, elapsed: float) -> None:
         """Size the next requests from this answer's speed (grow slowly, shrink at once)."""
-        if self._pace_gap:
+        self._pace_streak += 1
+        if self._pace_gap and self._pace_streak >= 4:  # a shared token: come back down slowly
             self._pace_gap = self._pace_gap * 0.8 if self._pace_gap > 0.05 else 0.0
+            self._pace_streak = 0
         if n_events < 5:
             return
         per_event = max(elapsed, 1e-4) / n_events
         old = self._per_event_s
         self._per_event_s = per_event if old is None else 0.7 * old + 0.3 * per_event
+        _server_rate["events_per_s"] = 1.0 / self._per_event_s
         target = int(TARGET_REQUEST_S / self._per_event_s)
         target = max(MIN_BATCH_EVENTS, min(MAX_BATCH_EVENTS, target))
         limit = self._batch_limit
@@ -2636,8 +2719,15 @@ class ExperimentReporter:
     def _paced(self, retry_after: float) -> None:
         """A 429: space this process's requests out (shared by the daemons), with jitter."""
         self._sent_429 += 1
-        self._pace_gap = min(PACE_MAX_S, max(retry_after, self._pace_gap * 1.5, 0.05))
-        self._next_send = _mono() + _jitter(self._pace_gap)
+        self._pace_streak = 0
+        # Retry-After says when the bucket has one request again, for every process that
+        # shares it: waiting exactly that long makes them all collide again. Wait a multiple,
+        # doubled on each 429, spread out at random.
+        self._pace_gap = min(PACE_MAX_S, max(2.0 * retry_after, self._pace_gap * 2.0, 0.1))
+        if self._state is not _OPEN:  # closing: near what the server asks for, spread out
+            self._next_send = _mono() + retry_after * (0.5 + _random() * 1.5)
+        else:
+            self._next_send = _mono() + self._pace_gap * (0.75 + _random() * 0.75)
 
     def _read_results(self, pairs: list, data: bytes, single: bool) -> tuple:
         """Count what the server acknowledged. Returns ``(to_retry, odd)``: ``odd`` describes
@@ -2731,6 +2821,7 @@ class ExperimentReporter:
     # -- uploads ------------------------------------------------------------------------
 
     def _control(self, control) -> None:
+        self._controls = max(0, self._controls - 1)
         if type(control) is _Upload:
             # Events spilled during an outage were queued before this upload (its job_start
             # may be among them): re-send what is due before the file leaves.
@@ -3597,9 +3688,12 @@ class Reporter:
         route = "/api/batches/%s/stop-requested" % _quote(self._batch_id)
         transport = None
         delay = interval
+        backoff = 1.0  # doubles on each 429 of the poll itself, halves on each answer
         try:
             while not self._halt.wait(delay):
-                delay = interval
+                # A shared token's budget goes to the events first: while ingest is being
+                # paced (429s), the poll waits several of its gaps.
+                delay = interval * backoff + 4.0 * sender._pace_gap
                 try:
                     transport = transport or _make_transport(sender.url, sender._token)
                     status, headers, body = transport.request(
@@ -3607,6 +3701,8 @@ class Reporter:
                     )
                 except _NetworkError:
                     continue
+                if status != 429:
+                    backoff = max(1.0, backoff / 2)
                 if status == 200:
                     try:
                         answer = _loads(body.decode("utf-8"))
@@ -3619,7 +3715,8 @@ class Reporter:
                         _log("warning", "argus: Stop was requested for batch %s", self._batch_id)
                         return
                 elif status == 429:
-                    delay = max(interval, _retry_after(headers, interval))
+                    backoff = min(32.0, backoff * 2)
+                    delay = max(interval * backoff, _retry_after(headers, interval)) + 4.0 * sender._pace_gap
                 elif status in (401, 403):
                     _log(
                         "error",
@@ -3637,14 +3734,24 @@ class Reporter:
                 transport.close()
 
     def _beat(self, interval: float) -> None:
+        """A batch-level resource_snapshot when nothing was sent for ``interval`` seconds, so
+        that a quiet but healthy run does not look stalled. It carries a cheap real sample
+        (this process's memory and CPU): a row of nulls is an empty point in the charts."""
         sender = self._sender
+        sample = _ProcessSample()
         try:
             while True:
+                if sender._queue or sender._inflight:  # events are on their way: not quiet
+                    sender._last_activity = _mono()
                 quiet = _mono() - sender._last_activity
                 if self._halt.wait(max(0.05, interval - quiet)):
                     return
+                if sender._queue or sender._inflight:
+                    sender._last_activity = _mono()
                 if _mono() - sender._last_activity >= interval:
-                    sender.resource_snapshot(heartbeat=True, elapsed_s=round(_mono() - self._t0, 1))
+                    sender.resource_snapshot(
+                        heartbeat=True, elapsed_s=round(_mono() - self._t0, 1), **sample.take()
+                    )
                     sender._last_activity = _mono()
         except Exception as exc:
             _log("error", "argus: the heartbeat stopped: %r", exc)
@@ -3662,6 +3769,40 @@ class Reporter:
     def _after_fork(self) -> None:
         self._threads = []  # they do not exist in the child
         self._halt = threading.Event()
+
+
+class _ProcessSample:
+    """This process's resident memory (MB) and CPU use (% of one core since the last take):
+    two cheap reads, no /proc walk, no GPU query."""
+
+    def __init__(self):
+        self._cpu = self._cpu_s()
+        self._at = _mono()
+
+    @staticmethod
+    def _cpu_s() -> float:
+        times = os.times()
+        return times[0] + times[1]
+
+    def take(self) -> dict:
+        out = {}
+        now, cpu = _mono(), self._cpu_s()
+        if now > self._at:
+            out["proc_cpu_pct"] = round(100.0 * (cpu - self._cpu) / (now - self._at), 1)
+        self._cpu, self._at = cpu, now
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                resident = int(f.read().split()[1])
+            out["proc_ram_mb"] = round(resident * os.sysconf("SC_PAGE_SIZE") / 1048576.0, 1)
+        except (OSError, ValueError, IndexError, AttributeError):
+            try:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+                out["proc_ram_mb"] = round(peak / (1048576.0 if sys.platform == "darwin" else 1024.0), 1)
+            except (ImportError, OSError, AttributeError):
+                pass
+        return out
 
 
 def _artifact_files(path, pattern: str) -> list:
@@ -4039,7 +4180,8 @@ def _worker_imports(url: str | None) -> None:
 
 
 def _at_exit() -> None:
-    """Bounded flush of every open sender for code that never closed its Reporter."""
+    """Bounded flush of every open sender for code that never closed its Reporter; then one
+    line per spill directory that this run left events in, with what to do about them."""
     _shutdown(None)
     for directory, (spilled, dropped) in list(_spill_counts.items()):
         waiting = SpillStore(directory).backlog()["events"]
@@ -4048,10 +4190,53 @@ def _at_exit() -> None:
             directory,
         )
         if waiting:
-            message += "; %d wait there now: they are sent at the next start or by `python3 -m argus sync`" % waiting
+            message += "; %d wait there now" % waiting
+            rate = _server_rate["events_per_s"]
+            if rate:
+                message += " (the server took %.0f events/s: about %.0f s of its work)" % (rate, waiting / rate)
+            handed = _hand_off(directory) if _env_flag(ENV_SYNC_ON_EXIT) else None
+            if handed:
+                message += "; a detached `argus sync` (pid %d) sends them now, logging to %s" % handed
+            else:
+                message += (
+                    ". They are sent at the next start, or now with `python3 -m argus sync --watch 30`"
+                    " on a login node; %s=<seconds> waits longer at exit" % ENV_DRAIN_S
+                )
         if dropped:
             message += "; %d could not be saved (spill cap or disk error)" % dropped
         _log("warning", message)
+
+
+def _hand_off(directory: str):
+    """Start `argus sync` in a process of its own that outlives this one; (pid, log) or None.
+
+    A SLURM step kills every process it started when it ends, this one included: there the
+    hand-off does not help, and `argus sync --watch` on a login node is the way.
+    """
+    url, token = _destinations.get(directory, (None, None))
+    if not url:
+        return None
+    import subprocess
+
+    log_path = os.path.join(directory, "sync-on-exit.log")
+    env = dict(os.environ, **{ENV_URL: url, ENV_SPILL_DIR: directory})
+    if token:
+        env[ENV_TOKEN] = token
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "sync", "--watch", "5", "--until-empty", "--max-time", "3600"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except (OSError, ValueError) as exc:
+        _log("warning", "argus: could not start a detached `argus sync`: %s", exc)
+        return None
+    return proc.pid, log_path
 
 
 atexit.register(_at_exit)
@@ -5761,13 +5946,18 @@ def _cmd_sync(args) -> int:
             )
     total = {"sent": 0, "unsent": 0, "uploads": 0, "uploads_left": 0}
     delay = args.watch
+    stop_at = _mono() + args.max_time if args.max_time else None
     try:
         while True:
             result = _sync_pass(sender, progress, args.retarget)
             for key in total:
                 total[key] = total[key] + result[key] if key in ("sent", "uploads") else result[key]
-            if not args.watch:
+            if not args.watch or (stop_at is not None and _mono() >= stop_at):
                 break
+            if args.until_empty:
+                backlog = store.backlog()
+                if backlog["events"] == 0 and backlog["pending_uploads"] == 0:
+                    break
             delay = args.watch if not result["unsent"] else min(delay * 2, args.watch * 16)
             time.sleep(delay)
     except KeyboardInterrupt:
@@ -6092,6 +6282,8 @@ def _build_parser():
     p.add_argument("--token", help="SDK token (default: $%s)" % ENV_TOKEN)
     p.add_argument("--watch", type=float, metavar="SECONDS", help="keep syncing every SECONDS")
     p.add_argument("--dry-run", action="store_true", help="only report what would be sent")
+    p.add_argument("--until-empty", action="store_true", help="with --watch: stop once nothing is left")
+    p.add_argument("--max-time", type=float, metavar="SECONDS", help="with --watch: stop after SECONDS")
     p.add_argument(
         "--retarget",
         action="store_true",
