@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--refill", type=float, default=None, help="rate-limit refill per s (default 10; --quick: 3)")
     p.add_argument("--locked-prob", type=float, default=0.0, help="chance of 500 'database is locked' per event when writers queue")
     p.add_argument("--wave", type=int, default=25, help="client processes started at a time")
+    p.add_argument("--nice", type=int, default=10, help="CPU niceness of the clients (the server keeps priority)")
     p.add_argument("--no-sync", action="store_true", help="skip `argus sync` after the runs")
     p.add_argument("--keep-temp", action="store_true", help="keep every client's folder (HOME, spill, stderr)")
     p.add_argument("--json", help="write every figure (and S1's request log) to this file")
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                 kind, python, procs=1, epochs=s1["epochs"], rate=s1["epochs"] / s1["seconds"],
                 event_cost_s=args.event_ms / 1000.0, bucket=args.bucket or 60, refill_per_s=args.refill or 10.0,
                 locked_prob=args.locked_prob, sync=not args.no_sync, repo=args.repo, keep=args.keep_temp,
-                token="em_live_standin_s1_" + kind, log=log,
+                nice=args.nice, token="em_live_standin_s1_" + kind, log=log,
             )
         if "s2" in scenarios:
             log("S2 %s: %d processes on one token, %d epochs at %g/s each, limit %g then %g/s"
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
                 kind, python, procs=s2["procs"], epochs=s2["epochs"], rate=s2["rate"],
                 event_cost_s=args.s2_event_ms / 1000.0, bucket=s2["bucket"], refill_per_s=s2["refill"],
                 locked_prob=args.locked_prob, sync=not args.no_sync, repo=args.repo, keep=args.keep_temp,
-                wave=args.wave, token="em_live_standin_s2_" + kind, log=log,
+                wave=args.wave, nice=args.nice, token="em_live_standin_s2_" + kind, log=log,
             )
 
     print("\nArgus stand-in: %g ms/event (S1), %g ms/event (S2), rate limit per token; CPUs: %s"
