@@ -37,7 +37,6 @@ import pytest
 import standin
 from standin import StandIn
 
-ROOT = standin.REPO
 
 
 # -- helpers ------------------------------------------------------------------------------
