@@ -786,7 +786,8 @@ class SpillStore:
         self.own.append(name)
 
     def append(self, lines, *, rotate: bool = True) -> int:
-        """Write encoded events in order; returns how many were written (0: none, see log)."""
+        """Write encoded events in order; returns how many were written. At the size cap the
+        events that fit are written and the rest refused, loudly and counted (``at_cap``)."""
         if not lines:
             return 0
         data = ("\n".join(lines) + "\n").encode("utf-8")
@@ -799,20 +800,17 @@ class SpillStore:
                 if self._total + len(data) > self.max_bytes:
                     self._total = self._dir_bytes()  # others may have replayed meanwhile
                     if self._total + len(data) > self.max_bytes:
-                        self.dropped += len(lines)
-                        self.at_cap = True
-                        self._note(dropped=len(lines))
-                        _log(
-                            "error",
-                            "argus: the spill directory %s is at its cap of %s MB: %d event(s) "
-                            "could not be saved (%d so far). Run `python3 -m argus sync` or raise %s.",
-                            self.directory,
-                            "%g" % round(self.max_bytes / 1048576.0, 1),
-                            len(lines),
-                            self.dropped,
-                            ENV_SPILL_MAX_MB,
-                        )
-                        return 0
+                        room, fits = self.max_bytes - self._total, 0
+                        for line in lines:
+                            room -= len(line.encode("utf-8")) + 1
+                            if room < 0:
+                                break
+                            fits += 1
+                        self._refuse(len(lines) - fits)
+                        lines = lines[:fits]
+                        if not lines:
+                            return 0
+                        data = ("\n".join(lines) + "\n").encode("utf-8")
                 if self._fd is None:
                     self._open()
                 _write_all(self._fd, data)
@@ -826,6 +824,21 @@ class SpillStore:
             if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
                 self.rotate()
             return len(lines)
+
+    def _refuse(self, count: int) -> None:
+        self.dropped += count
+        self.at_cap = True
+        self._note(dropped=count)
+        _log(
+            "error",
+            "argus: the spill directory %s is at its cap of %s MB: %d event(s) could not be "
+            "saved (%d so far). Run `python3 -m argus sync` or raise %s.",
+            self.directory,
+            "%g" % round(self.max_bytes / 1048576.0, 1),
+            count,
+            self.dropped,
+            ENV_SPILL_MAX_MB,
+        )
 
     def _failed(self, exc: OSError) -> None:
         self.failures += 1
@@ -979,7 +992,7 @@ class SpillStore:
     def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
         """Claim the oldest unclaimed spill file, or return None when there is none.
 
-        ``match(destination_url)`` decides whether a file is for us (a file without a header,
+        ``match(claim)`` decides whether a file is for us (a file without a header,
         written by an older version, has the destination None); ``own_only`` takes only
         files this store wrote, oldest first: the backlog of this run.
         """
@@ -1006,7 +1019,7 @@ class SpillStore:
                 os.close(fd)
                 continue
             claim = _Claim(self, path, fd, mtime)
-            if match is not None and not match(claim.destination):
+            if match is not None and not match(claim):
                 claim._close()
                 if isinstance(skip, set):
                     skip.add(path)
@@ -1089,13 +1102,18 @@ def _fingerprint(token: str | None) -> str | None:
 
 def _parse_header(line: str):
     """The destination URL of a spill file's header line, or False when it is no header."""
+    header = _header(line)
+    return False if header is None else header.get("url")
+
+
+def _header(line: str):
     if not line.startswith('{"argus_spill"'):
-        return False
+        return None
     try:
         header = _loads(line)
     except ValueError:
-        return False
-    return header.get("url") if isinstance(header, dict) else None
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def _file_events(path: str) -> tuple:
@@ -1132,12 +1150,13 @@ class _Claim:
             raw = f.read()
         lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
         self.header = None
-        self.destination = None
-        if lines:
-            destination = _parse_header(lines[0])
-            if destination is not False:
-                self.header = lines.pop(0)
-                self.destination = destination
+        self.destination = None  # the server URL the events were written for (None: any)
+        self.token_fp = None  # the fingerprint of the token they were written under
+        header = _header(lines[0]) if lines else None
+        if header is not None:
+            self.header = lines.pop(0)
+            self.destination = header.get("url")
+            self.token_fp = header.get("token")
         self.lines = lines
         self.pos = 0
 
@@ -1367,8 +1386,8 @@ class _StdlibTransport:
                 if reused and attempt == 0 and not sent:
                     continue  # the server closed an idle keep-alive connection
                 raise _NetworkError(_short_cause(exc), sent=sent) from None
-            except (OSError, self._http.HTTPException, ValueError, AttributeError) as exc:
-                self.close()  # AttributeError: the socket was taken away by abort()
+            except Exception as exc:  # AttributeError: the socket was taken away by abort()
+                self.close()
                 raise _NetworkError(_short_cause(exc), sent=sent) from None
         raise _NetworkError("unreachable")  # pragma: no cover
 
@@ -1427,6 +1446,14 @@ class _RequestsTransport:
         if token:
             self._session.headers["Authorization"] = "Bearer " + token
         self._verify = _ca_bundle() or True
+        # Proxies come from _proxy_for, as for the stdlib transport: requests' own look-up
+        # iterates os.environ, which raises when the program changes it meanwhile.
+        self._session.trust_env = False
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        proxy = _proxy_for(parts.scheme, parts.hostname or "")
+        self._proxies = {parts.scheme: proxy} if proxy else {}
         self._sockets = weakref.WeakSet()
         adapter = _tracking_adapter(requests, self._sockets)
         if adapter is not None:
@@ -1445,6 +1472,7 @@ class _RequestsTransport:
                 timeout=(timeout, timeout),
                 verify=self._verify,
                 allow_redirects=False,
+                proxies=self._proxies,
             )
             data = resp.content
         except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
@@ -1455,7 +1483,7 @@ class _RequestsTransport:
             raise _NetworkError(_short_cause(exc), sent=sent) from None
         except requests.RequestException as exc:
             raise _NetworkError(_short_cause(exc)) from None
-        except (OSError, ValueError, AttributeError) as exc:
+        except Exception as exc:  # a fault inside the library costs this request only
             raise _NetworkError(_short_cause(exc)) from None
         return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
 
@@ -1712,6 +1740,7 @@ class ExperimentReporter:
         )
         self._qmax = max(1, int(queue_size))
         self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
+        self._records_uploads = _worker
         self.lost = 0  # events that could be neither delivered nor saved (queue full, disk refused)
         self._state = _OPEN
         self._state_lock = threading.RLock()
@@ -2322,7 +2351,7 @@ class ExperimentReporter:
         so that what queues meanwhile leaves in the same request: a token's request budget
         is shared by every process that uses it. A full batch, a flush or an upload waiting,
         or closing, does not wait. True when it waited (the caller loops)."""
-        if self._state is not _OPEN or self._controls:
+        if self._state is not _OPEN or self._controls or self._offline:
             return False
         if self._disk_mode:  # the backlog on disk is what leaves: only 429s hold it back
             gap = self._next_send - _mono()
@@ -2510,8 +2539,9 @@ class ExperimentReporter:
             return "unsent"
         return "sent"
 
-    def _for_us(self, destination) -> bool:
-        return destination is None or _same_url(destination, self.url)
+    def _for_us(self, claim) -> bool:
+        """A spill file for this server (or for any: written without a URL, or by 0.2.0)."""
+        return claim.destination is None or _same_url(claim.destination, self.url)
 
     def _guard_loop(self) -> None:
         """Every quarter second: no unacknowledged event in memory only for over a second,
@@ -2604,7 +2634,6 @@ class ExperimentReporter:
                 path, body = "/api/events", pairs[0][1]
             else:
                 path, body = "/api/events/batch", '{"events":[%s]}' % ",".join(p[1] for p in pairs)
-            self._inflight_since = _now()
             started = _mono()
             self._request_deadline = started + timeout + 2.0
             try:
@@ -2842,6 +2871,8 @@ class ExperimentReporter:
         control.done.set()
 
     def _record_upload(self, upload: _Upload, size: int, why: str) -> None:
+        if not self._records_uploads:
+            return  # `argus sync` keeps the entries it could not send itself
         self.spill.record_upload(
             {
                 "path": os.path.abspath(upload.path),
@@ -2851,6 +2882,7 @@ class ExperimentReporter:
                 "meta": None if upload.meta is None else _loads(_meta_text(upload.meta)),
                 "recorded_at": _format_ts(_now()),
                 "why": why,
+                "url": self.url,
             }
         )
 
@@ -3701,6 +3733,9 @@ class Reporter:
                     )
                 except _NetworkError:
                     continue
+                except Exception as exc:  # a fault costs this poll, never the poller
+                    _log_once("poll:%d" % id(self), "warning", "argus: a stop poll failed: %r", exc)
+                    continue
                 if status != 429:
                     backoff = max(1.0, backoff / 2)
                 if status == 200:
@@ -4112,7 +4147,14 @@ def _after_fork_in_child() -> None:
         sender._after_fork()
     for reporter in _active:
         reporter._after_fork()
-    _register_mp_exit()
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # A multiprocessing child clears its finalizers after this hook and then runs its
+        # "after fork" callbacks: register ours from there.
+        try:
+            util.register_after_fork(_mp_hook, _mp_child_started)
+        except Exception:
+            pass
 
 
 _imports = {"done": False, "requests": None}
@@ -4154,8 +4196,25 @@ def _register_mp_exit() -> None:
     if mp is None:
         return
     try:
-        if mp.parent_process() is None:
-            return
+        if mp.parent_process() is not None:
+            _mp_child_started(None)
+    except Exception:
+        pass
+
+
+class _MPHook:
+    """A weak-referenceable key for multiprocessing's after-fork registry."""
+
+
+_mp_hook = _MPHook()
+_mp_registered = {"pid": None}
+
+
+def _mp_child_started(_obj) -> None:
+    if _mp_registered["pid"] == os.getpid():
+        return
+    _mp_registered["pid"] = os.getpid()
+    try:
         from multiprocessing import util
 
         util.Finalize(None, _shutdown, exitpriority=100)
@@ -5805,12 +5864,11 @@ def _cli_sender(url: str | None, token: str | None, directory: str | None = None
     return sender
 
 
-def _sync_pass(sender: ExperimentReporter, progress: bool, retarget: bool = False) -> dict:
-    """Send every claimable spill file for this server once (every file with ``retarget``)."""
+def _sync_pass(sender: ExperimentReporter, progress: bool, match=None) -> dict:
+    """Send every claimable spill file that ``match(claim)`` accepts (every file: None) once."""
     sent = failed = 0
     t0 = _mono()
     skip = set()
-    match = None if retarget else sender._for_us
     while True:
         before = sender.delivered
         outcome = sender._replay_once(RETRY_ATTEMPTS, skip=skip, match=match)
@@ -5874,7 +5932,9 @@ def _sync_uploads(sender: ExperimentReporter) -> tuple:
                                  "/api/batches/" in entry["route"])
             except (KeyError, TypeError, AttributeError):
                 upload = None
-            if upload is not None and not os.path.exists(upload.path):
+            if upload is not None and entry.get("url") and not _same_url(entry["url"], sender.url):
+                keep.append(entry)  # for another server: its own sync sends it
+            elif upload is not None and not os.path.exists(upload.path):
                 print("argus sync: %s no longer exists; upload dropped" % upload.path, file=sys.stderr)
             elif upload is not None:
                 if sender._upload(upload) is not None:
@@ -5924,6 +5984,9 @@ def _cmd_sync(args) -> int:
             % (backlog["events"], backlog["files"], backlog["bytes"], backlog["pending_uploads"], store.directory)
         )
         return 0
+    url = _resolve_url(args.url)[0] if not _env_flag(ENV_DISABLE) else None
+    if url is None and not args.url and not args.retarget:
+        return _sync_each_destination(args)
     sender = _cli_sender(args.url, args.token, args.dir)
     if sender is None:
         return 2
@@ -5937,19 +6000,31 @@ def _cmd_sync(args) -> int:
             file=sys.stderr,
         )
     elif others:
-        for url, count in sorted(others.items()):
+        for other, count in sorted(others.items()):
             print(
                 "argus sync: %d event(s) in %s were written for %s, not %s: left alone. Run "
-                "`%s=%s argus sync` (with its token), or add --retarget to send them here."
-                % (count, store.directory, url, sender.url, ENV_URL, url),
+                "`argus sync` without --url to send each file to its own server, or add "
+                "--retarget to send them here." % (count, store.directory, other, sender.url),
                 file=sys.stderr,
             )
+    total = _sync_loop(sender, args, progress, None if args.retarget else sender._for_us)
+    backlog = store.backlog()
+    left = backlog["events"]
+    print(
+        "argus sync: %d event(s) sent, %d upload(s) sent; %d event(s) left in %s, %d rejected (in %s)"
+        % (total["sent"], total["uploads"], left, store.directory, store.rejected, _DEAD_LETTER)
+    )
+    return 0 if left == 0 and not backlog["pending_uploads"] else 1
+
+
+def _sync_loop(sender: ExperimentReporter, args, progress: bool, match) -> dict:
+    store = sender.spill
     total = {"sent": 0, "unsent": 0, "uploads": 0, "uploads_left": 0}
     delay = args.watch
     stop_at = _mono() + args.max_time if args.max_time else None
     try:
         while True:
-            result = _sync_pass(sender, progress, args.retarget)
+            result = _sync_pass(sender, progress, match)
             for key in total:
                 total[key] = total[key] + result[key] if key in ("sent", "uploads") else result[key]
             if not args.watch or (stop_at is not None and _mono() >= stop_at):
@@ -5962,20 +6037,48 @@ def _cmd_sync(args) -> int:
             time.sleep(delay)
     except KeyboardInterrupt:
         pass
+    return total
+
+
+def _sync_each_destination(args) -> int:
+    """No server configured: every spill file goes to the server it was written for. The
+    token is sent there only if it is the one the file was written under (its fingerprint)."""
+    store = SpillStore(args.dir)
+    token = _resolve_token(args.token)[0]
+    destinations = sorted(d for d in store.backlog()["destinations"] if d != "(any)")
+    if not destinations:
+        print("argus: no server URL: pass --url or set %s" % ENV_URL, file=sys.stderr)
+        return 2
+    fingerprint = _fingerprint(token)
+    progress = sys.stderr.isatty()
+    sent = uploads = 0
+    for url in destinations:
+        sender = _cli_sender(url, token, args.dir)
+        if sender is None:
+            continue
+
+        def ours(claim, url=url):
+            if not _same_url(claim.destination, url):
+                return False
+            if claim.token_fp and claim.token_fp != fingerprint:
+                print(
+                    "argus sync: %s was written under another token (%s) than the one given; "
+                    "left alone" % (claim.path, claim.token_fp),
+                    file=sys.stderr,
+                )
+                return False
+            return True
+
+        print("argus sync: sending the events written for %s there" % url, file=sys.stderr)
+        total = _sync_loop(sender, args, progress, ours)
+        sent += total["sent"]
+        uploads += total["uploads"]
     backlog = store.backlog()
-    left = backlog["events"]
     print(
         "argus sync: %d event(s) sent, %d upload(s) sent; %d event(s) left in %s, %d rejected (in %s)"
-        % (
-            total["sent"],
-            total["uploads"],
-            left,
-            store.directory,
-            store.rejected,
-            _DEAD_LETTER,
-        )
+        % (sent, uploads, backlog["events"], store.directory, store.rejected, _DEAD_LETTER)
     )
-    return 0 if left == 0 and not backlog["pending_uploads"] else 1
+    return 0 if backlog["events"] == 0 and not backlog["pending_uploads"] else 1
 
 
 def _redact(token: str | None) -> str | None:
