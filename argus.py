@@ -79,6 +79,7 @@ DRAIN_S = 3.0  # ... and at most this long for the queue to drain
 MAX_BATCH_EVENTS = 500  # the server's limit per /api/events/batch request
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # keep request bodies bounded
 MAX_STRING_CHARS = 16 * 1024  # longer strings (log lines, reasons) are truncated
+TRACEBACK_MAX_BYTES = 16 * 1024  # a failed job's traceback keeps its last 16 KiB
 _MAX_EVENT_CHARS = 64 * 1024  # an encoded event above this is re-encoded with truncation
 _MAX_DEPTH = 16  # nesting depth of values kept as structures
 
@@ -104,6 +105,7 @@ ENV_HANDLE_SIGTERM = "ARGUS_HANDLE_SIGTERM"  # 0 leaves SIGTERM alone
 ENV_ALL_RANKS = "ARGUS_ALL_RANKS"  # 1: every DDP/SLURM rank reports, not only rank 0
 ENV_OFFLINE = "ARGUS_OFFLINE"  # 1: no network, every event goes to the spill store
 ENV_MODE = "ARGUS_MODE"  # "offline" is the same as ARGUS_OFFLINE=1
+ENV_TRACEBACKS = "ARGUS_TRACEBACKS"  # 0: a failed job's traceback is not sent to its log
 
 DEFAULT_SPILL_MAX_MB = 1024.0
 DEFAULT_SPILL_ROTATE_S = 30.0
@@ -502,11 +504,6 @@ def _scrub_args(args: list) -> list:
     """Hide secrets given on the command line (``--token X``, ``password=X``, em_live_ tokens)."""
     import re
 
-    def is_secret(name: str) -> bool:
-        name = name.lstrip("-").lower()
-        words = set(re.split(r"[-_.]", name))
-        return bool(words & _SECRET_WORDS) or any(k in name for k in ("apikey", "api_key", "api-key"))
-
     out, hide_next = [], False
     for arg in args:
         if hide_next:
@@ -514,12 +511,21 @@ def _scrub_args(args: list) -> list:
             hide_next = False
             continue
         name, eq, _value = arg.partition("=")
-        if eq and is_secret(name):
+        if eq and _is_secret_name(name):
             arg = name + "=***"
-        elif arg.startswith("-") and is_secret(arg):
+        elif arg.startswith("-") and _is_secret_name(arg):
             hide_next = True
         out.append(re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", arg))
     return out
+
+
+def _is_secret_name(name: str) -> bool:
+    """Whether an option or key name holds a secret: ``--token``, ``db.password``, ``API_KEY``."""
+    import re
+
+    name = name.lstrip("-").lower()
+    words = set(re.split(r"[-_.]", name))
+    return bool(words & _SECRET_WORDS) or any(k in name for k in ("apikey", "api_key", "api-key"))
 
 
 _SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials"))
@@ -2750,6 +2756,7 @@ class JobContext:
             parent._jobs.remove(self)
         elapsed = round(_mono() - self._t0, 3)
         sender = self._sender
+        _end_job_log(self, exc)
         if exc_type is None and reason is None:
             parent._n_done += 1
             if sender is not None:
@@ -2841,6 +2848,85 @@ class JobContext:
         if not uploads:
             return 0
         return sum(1 for result in sender._uploads(uploads) if result is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Job logs: tracebacks, logging handler, console capture
+# ---------------------------------------------------------------------------------------
+# Besides job.log(), a job's log pane gets the traceback of its failure (always). A
+# log_line needs a job id (PROTOCOL.md), so a batch that fails outside any job has no log
+# to put its traceback in: its cause is in batch_failed.
+
+
+def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
+    """One ``log_line`` (level error) with the scrubbed, bounded traceback of ``exc``."""
+    if not isinstance(exc, BaseException) or not _env_flag(ENV_TRACEBACKS, True):
+        return
+    try:
+        sender.log_line(job_id, _traceback_text(exc, sender._token), level="error")
+    except Exception as error:  # a failure report must not fail
+        _log("warning", "argus: could not send the traceback of job %s: %r", job_id, error)
+
+
+def _traceback_text(exc: BaseException, token: str | None = None) -> str:
+    """The formatted traceback, secrets hidden, cut from the front to TRACEBACK_MAX_BYTES."""
+    import traceback
+
+    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    text = _scrub_text(full[-4 * TRACEBACK_MAX_BYTES :], token)  # bound the scrubbing too
+    data = text.encode("utf-8", "replace")
+    if len(full) <= 4 * TRACEBACK_MAX_BYTES and len(data) <= TRACEBACK_MAX_BYTES:
+        return text
+    # Keep the end: the exception itself and its innermost frames, from a line start on.
+    marker = "[argus: this traceback was cut to its last %d KiB]\n" % (TRACEBACK_MAX_BYTES // 1024)
+    tail = data[-(TRACEBACK_MAX_BYTES - len(marker)) :].decode("utf-8", "ignore")
+    line_start = tail.find("\n", 0, 1024)
+    return marker + tail[line_start + 1 :]
+
+
+def _scrub_text(text: str, token: str | None = None) -> str:
+    """Hide secrets in free text with the command line's rules (see _scrub_args).
+
+    ``--token X``, ``password=X``, ``api_key: X``, ``"secret": "X"``, em_live_ tokens,
+    ``Bearer X``, the password of ``scheme://user:password@host`` and the configured token.
+    """
+    import re
+
+    if token and len(token) >= 4:
+        text = text.replace(token, "***")
+
+    value = r"(\"[^\"\n]*\"|'[^'\n]*'|[^\s'\",;()\[\]{}]+)"
+    for pattern in (
+        r"(?<![\w-])(--?[A-Za-z][\w.-]*)(\s+)" + value,  # --token X
+        r"\b([A-Za-z_][\w.-]*)(['\"]?\s*(?:=(?!=)|:)\s*)" + value,  # password=X, "secret": "X"
+    ):
+        # name, separator, value; after a name that is no secret, the search goes on from
+        # its value, which may be a pair itself ("error: password=X")
+        pattern, out, pos = re.compile(pattern), [], 0
+        m = pattern.search(text)
+        while m:
+            if _is_secret_name(m.group(1)):
+                quote = m.group(3)[0] if m.group(3)[0] in "'\"" else ""
+                out.append(text[pos : m.start(3)] + quote + "***" + quote)
+                pos = m.end()
+            else:
+                out.append(text[pos : m.end(2)])
+                pos = m.end(2)
+            m = pattern.search(text, pos)
+        text = "".join(out) + text[pos:]
+    text = re.sub(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
+    text = re.sub(r"(?i)\b(bearer)(\s+)[\w.~+/-]+=*", r"\1\2***", text)
+    text = re.sub(r"\b(Basic)(\s+)[A-Za-z0-9+/]{12,}={0,2}(?!\w)", r"\1\2***", text)
+    return re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
+
+
+def _end_job_log(job: JobContext, exc) -> None:
+    """Before ``job_failed``: the traceback of the exception that ended the job."""
+    sender = job._sender
+    if sender is None:
+        return
+    if exc is not None:
+        _send_traceback(sender, job._job_id, exc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -3820,6 +3906,7 @@ def _build_hydra_callback():
             if exc is None:
                 sender.job_done(job_id, metrics=metrics or None, elapsed_s=elapsed)
             else:
+                _send_traceback(sender, job_id, exc)
                 sender.job_failed(job_id, reason=_reason(type(exc), exc), elapsed_s=elapsed)
             sender.close(DRAIN_S)
 
