@@ -23,6 +23,7 @@ __all__ = [
     "EVENT_TYPES",
     "Reporter",
     "JobContext",
+    "LogHandler",  # noqa: F822 - made on first access by the module's __getattr__
     "ExperimentReporter",
     "SpillStore",
     "derive_batch_id",
@@ -2853,9 +2854,11 @@ class JobContext:
 # ---------------------------------------------------------------------------------------
 # Job logs: tracebacks, logging handler, console capture
 # ---------------------------------------------------------------------------------------
-# Besides job.log(), a job's log pane gets the traceback of its failure (always). A
-# log_line needs a job id (PROTOCOL.md), so a batch that fails outside any job has no log
-# to put its traceback in: its cause is in batch_failed.
+# Two ways into a job's log pane besides job.log(): the traceback of a failure (always)
+# and records of the `logging` module (argus.LogHandler). Each sends log_line events to
+# the innermost open job of the innermost active Reporter. A log_line needs a job id
+# (PROTOCOL.md), so a batch that fails outside any job has no log to put its traceback
+# in: its cause is in batch_failed.
 
 
 def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
@@ -2927,6 +2930,116 @@ def _end_job_log(job: JobContext, exc) -> None:
         return
     if exc is not None:
         _send_traceback(sender, job._job_id, exc)
+
+
+def _send_line(sender: ExperimentReporter, job_id: str, line: str, level: str) -> None:
+    """``log_line`` for a checked job id and a lower-case level: the short way, per record."""
+    text = _truncate(line)
+    sender._submit("log_line", job_id, {"line": text, "level": level}, size=len(text) + 64)
+
+
+def _open_job():
+    """The innermost open job of the innermost active Reporter, if that Reporter sends."""
+    try:
+        jobs = _active[-1]._jobs if _active else None
+        job = jobs[-1] if jobs else None
+    except IndexError:  # a Reporter or a job ended on another thread just now
+        return None
+    return job if job is not None and job._sender is not None else None
+
+
+_LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
+
+
+def _level_name(levelno: int) -> str:
+    """A logging level as the server stores it; custom levels go to the standard one below."""
+    if levelno >= 40:
+        return "critical" if levelno >= 50 else "error"
+    if levelno >= 30:
+        return "warning"
+    return "info" if levelno >= 20 else "debug"
+
+
+def _on_argus_thread(name: str | None = None) -> bool:
+    # Records and output of the SDK's own threads (urllib3's debug lines about the worker's
+    # requests) would feed themselves: each would make another request.
+    return (name or threading.current_thread().name).startswith("argus-")
+
+
+def __getattr__(name: str):
+    # PEP 562: LogHandler subclasses logging.Handler, and `import argus` must not import
+    # logging; the class is made on first access and then is a plain module attribute.
+    if name == "LogHandler":
+        with _state_lock:
+            cls = globals().get("LogHandler")
+            if cls is None:
+                cls = _build_log_handler()
+                cls.__module__, cls.__qualname__ = __name__, "LogHandler"  # pickle finds it here
+                globals()["LogHandler"] = cls
+        return cls
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def __dir__():
+    return sorted(set(globals()) | {"LogHandler"})
+
+
+def _build_log_handler():
+    import logging
+
+    own, own_prefix = __name__, __name__ + "."
+
+    class LogHandler(logging.Handler):
+        """Send ``logging`` records to the open job's log: ``logging.getLogger().addHandler(argus.LogHandler())``.
+
+        A record emitted while a job is open goes to the innermost open job of the innermost
+        active Reporter, at its level in lower case (debug/info/warning/error/critical). A
+        record outside any job goes to ``job_id`` when one is given (in the active batch, or
+        under ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are
+        never forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
+        """
+
+        def __init__(self, job_id: str | None = None, level: int = logging.NOTSET) -> None:
+            super().__init__(level)
+            if job_id is not None:
+                _check_job_id(job_id)
+            self.job_id = job_id
+
+        def emit(self, record) -> None:
+            name = record.name
+            if name == own or name.startswith(own_prefix) or _on_argus_thread(record.threadName):
+                return
+            try:
+                job = _open_job()
+                if job is not None:
+                    sender, job_id, batch_id = job._sender, job._job_id, None
+                elif self.job_id is None:
+                    _log_once(
+                        "loghandler-outside",
+                        "debug",
+                        "argus: LogHandler skips records emitted outside a job "
+                        "(LogHandler(job_id=...) sends them to that job)",
+                    )
+                    return
+                elif _active:
+                    sender, job_id, batch_id = _active[-1]._sender, self.job_id, None
+                else:
+                    batch_id = get_batch_id()
+                    sender, job_id = (_sender_for_emit() if batch_id else None), self.job_id
+                if sender is None:
+                    return  # a disabled Reporter, or no batch to send to
+                line = self.format(record)
+                if record.exc_info or record.exc_text:
+                    line = _scrub_text(line, sender._token)
+                level = _LEVEL_NAMES.get(record.levelno) or _level_name(record.levelno)
+                if batch_id is None:
+                    _send_line(sender, job_id, line, level)
+                else:
+                    sender.emit("log_line", batch_id=batch_id, job_id=job_id, line=_truncate(line), level=level)
+            except Exception:
+                self.handleError(record)
+
+    return LogHandler
 
 
 # ---------------------------------------------------------------------------------------
