@@ -81,6 +81,7 @@ MAX_BATCH_EVENTS = 500  # the server's limit per /api/events/batch request
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # keep request bodies bounded
 MAX_STRING_CHARS = 16 * 1024  # longer strings (log lines, reasons) are truncated
 TRACEBACK_MAX_BYTES = 16 * 1024  # a failed job's traceback keeps its last 16 KiB
+CAPTURE_MAX_LINES_S = 20  # console lines sent per second per job; the rest are counted
 _MAX_EVENT_CHARS = 64 * 1024  # an encoded event above this is re-encoded with truncation
 _MAX_DEPTH = 16  # nesting depth of values kept as structures
 
@@ -106,6 +107,7 @@ ENV_HANDLE_SIGTERM = "ARGUS_HANDLE_SIGTERM"  # 0 leaves SIGTERM alone
 ENV_ALL_RANKS = "ARGUS_ALL_RANKS"  # 1: every DDP/SLURM rank reports, not only rank 0
 ENV_OFFLINE = "ARGUS_OFFLINE"  # 1: no network, every event goes to the spill store
 ENV_MODE = "ARGUS_MODE"  # "offline" is the same as ARGUS_OFFLINE=1
+ENV_CAPTURE_OUTPUT = "ARGUS_CAPTURE_OUTPUT"  # 1: Reporter(capture_output=True) by default
 ENV_TRACEBACKS = "ARGUS_TRACEBACKS"  # 0: a failed job's traceback is not sent to its log
 
 DEFAULT_SPILL_MAX_MB = 1024.0
@@ -2443,6 +2445,7 @@ class Reporter:
         batch_id: str | None = None,
         resume_from: str | None = None,
         all_ranks: bool | None = None,
+        capture_output: bool | None = None,
     ):
         if not isinstance(batch_prefix, str) or not batch_prefix:
             raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
@@ -2465,6 +2468,7 @@ class Reporter:
         self._token = token
         self._auto_upload_dirs = list(auto_upload_dirs or ())
         self._all_ranks = all_ranks
+        self._capture = _env_flag(ENV_CAPTURE_OUTPUT) if capture_output is None else bool(capture_output)
         self._sender = None
         self._stopped = False
         self._jobs = []
@@ -2540,6 +2544,7 @@ class Reporter:
         if self._sender is not None:
             _install_sigterm()
             self._start_daemons()
+            _capture_start(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -2552,6 +2557,7 @@ class Reporter:
 
     def _finish(self, exc_type, exc, reason: str | None = None) -> None:
         self._finished = True
+        _capture_stop(self)
         self._halt.set()
         for thread in self._threads:
             thread.join(THREAD_JOIN_S)
@@ -2854,11 +2860,11 @@ class JobContext:
 # ---------------------------------------------------------------------------------------
 # Job logs: tracebacks, logging handler, console capture
 # ---------------------------------------------------------------------------------------
-# Two ways into a job's log pane besides job.log(): the traceback of a failure (always)
-# and records of the `logging` module (argus.LogHandler). Each sends log_line events to
-# the innermost open job of the innermost active Reporter. A log_line needs a job id
-# (PROTOCOL.md), so a batch that fails outside any job has no log to put its traceback
-# in: its cause is in batch_failed.
+# Three ways into a job's log pane besides job.log(): the traceback of a failure (always),
+# records of the `logging` module (argus.LogHandler) and console output
+# (Reporter(capture_output=True)). Each sends log_line events to the innermost open job of
+# the innermost active Reporter. A log_line needs a job id (PROTOCOL.md), so a batch that
+# fails outside any job has no log to put its traceback in: its cause is in batch_failed.
 
 
 def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
@@ -2924,10 +2930,12 @@ def _scrub_text(text: str, token: str | None = None) -> str:
 
 
 def _end_job_log(job: JobContext, exc) -> None:
-    """Before ``job_failed``: the traceback of the exception that ended the job."""
+    """Before ``job_done``/``job_failed``: the job's last console lines, then its traceback."""
     sender = job._sender
     if sender is None:
         return
+    if _capture_users and job._parent._capture:
+        _capture_flush(job)
     if exc is not None:
         _send_traceback(sender, job._job_id, exc)
 
@@ -3040,6 +3048,215 @@ def _build_log_handler():
                 self.handleError(record)
 
     return LogHandler
+
+
+# Console capture. While a capturing Reporter is active, sys.stdout and sys.stderr are
+# _Tee objects: every write goes first, unchanged, to the stream they replaced, and complete
+# lines are then copied to the open job's log. Only Python-level writes are seen: output
+# written to the file descriptors (child processes, C extensions, os.write) is not.
+
+_capture_users = []  # capturing Reporters, innermost last
+_capture_tees = []  # (name in sys, _Tee) in the order they were installed
+_capture_lock = threading.RLock()  # reentrant: a SIGTERM handler may flush mid-write
+
+
+class _CaptureGuard(threading.local):
+    busy = False  # this thread is inside the capture: what it writes is not captured again
+
+
+_capture_guard = _CaptureGuard()
+
+
+class _Tee:
+    """A text stream that writes through to ``stream`` and copies its lines to the job log.
+
+    Every attribute it does not define (flush, fileno, isatty, encoding, buffer...) is the
+    wrapped stream's, so it works over a terminal, a pipe, Jupyter's stream or pytest's.
+    """
+
+    __slots__ = ("_stream", "_level", "_on", "_parts", "_bar_since", "_bar_sent")
+
+    def __init__(self, stream, level: str) -> None:
+        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_level", level)
+        object.__setattr__(self, "_on", True)
+        object.__setattr__(self, "_parts", [])  # the line being written, not yet ended
+        object.__setattr__(self, "_bar_since", None)  # when a \r line began or last went out
+        object.__setattr__(self, "_bar_sent", None)  # the state that went out then
+
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_stream"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _Tee.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._stream, name, value)
+
+    def __repr__(self) -> str:
+        return "<argus console capture of %r>" % (self._stream,)
+
+    def write(self, text):
+        count = self._stream.write(text)
+        if self._on and _active and type(text) is str:
+            if "\n" in text or "\r" in text:
+                self._feed(text)
+            else:  # the middle of a line (print writes each argument): kept for its end
+                parts = self._parts
+                parts.append(text)  # atomic: no lock on this path
+                if len(parts) > 256:
+                    self._feed("")
+        return count
+
+    def writelines(self, lines) -> None:
+        lines = list(lines)
+        self._stream.writelines(lines)
+        if self._on and _active:
+            for text in lines:
+                if type(text) is str:
+                    self._feed(text)
+
+    def _feed(self, text: str) -> None:
+        if _capture_guard.busy:
+            return
+        job = _open_job()
+        if job is None or not job._parent._capture:
+            self._parts = []  # output between jobs is not kept
+            return
+        if _on_argus_thread():
+            return
+        _capture_guard.busy = True
+        try:
+            with _capture_lock:
+                parts, self._parts = self._parts, []
+                parts.append(text)
+                buf = "".join(parts)
+                if "\n" in text:
+                    lines = buf.split("\n")
+                    buf = lines.pop()
+                    for line in lines:
+                        line = _final_state(line)
+                        if line != self._bar_sent:  # a bar whose last state went out already
+                            _capture_line(job, line, self._level)
+                        self._bar_since = self._bar_sent = None
+                if "\r" in buf:
+                    buf = _final_state(buf, keep_cr=True)
+                    now = _mono()
+                    if self._bar_since is None:
+                        self._bar_since = now
+                    elif now - self._bar_since >= 1.0:  # a progress bar: its state once a second
+                        self._bar_since, self._bar_sent = now, buf.rstrip("\r")
+                        _capture_line(job, self._bar_sent, self._level)
+                if len(buf) > MAX_STRING_CHARS:  # a line without an end: send what there is
+                    _capture_line(job, buf, self._level)
+                elif buf:
+                    self._parts.insert(0, buf)  # before what other threads added meanwhile
+        except Exception:
+            pass  # the program's output went through already; only the copy is lost
+        finally:
+            _capture_guard.busy = False
+
+
+def _final_state(line: str, keep_cr: bool = False) -> str:
+    """What a terminal shows of a line written with carriage returns: its last non-empty part.
+
+    ``keep_cr`` keeps the carriage returns after that part (more text may overwrite it).
+    """
+    i = line.rstrip("\r").rfind("\r")
+    tail = line[i + 1 :] if i >= 0 else line
+    return tail if keep_cr else tail.rstrip("\r")
+
+
+def _capture_line(job: JobContext, line: str, level: str) -> None:
+    """Send one console line, at most CAPTURE_MAX_LINES_S a second per job; count the rest."""
+    if not line.strip():
+        return
+    now = _mono()
+    rate = job.__dict__.get("_console_rate")  # [window start, sent, not sent]
+    if rate is None or now - rate[0] >= 1.0:
+        if rate is not None and rate[2]:
+            _capture_note(job, rate[2])
+        rate = job._console_rate = [now, 0, 0]
+    if rate[1] >= CAPTURE_MAX_LINES_S:
+        rate[2] += 1
+        return
+    rate[1] += 1
+    _send_line(job._sender, job._job_id, line, level)
+
+
+def _capture_note(job: JobContext, count: int) -> None:
+    job._sender.log_line(
+        job._job_id,
+        "[argus: %d console line(s) not sent: more than %d lines/s]" % (count, CAPTURE_MAX_LINES_S),
+        level="warning",
+    )
+
+
+def _capture_flush(job: JobContext) -> None:
+    """At the end of ``job``: its unfinished console lines and the count of lines not sent."""
+    busy, _capture_guard.busy = _capture_guard.busy, True
+    try:
+        with _capture_lock:
+            for _name, tee in _capture_tees:
+                if tee._parts and tee._on:
+                    line, sent = _final_state("".join(tee._parts)), tee._bar_sent
+                    tee._parts, tee._bar_since, tee._bar_sent = [], None, None
+                    if line != sent:
+                        _capture_line(job, line, tee._level)
+            rate = job.__dict__.pop("_console_rate", None)
+            if rate is not None and rate[2]:
+                _capture_note(job, rate[2])
+    except Exception as exc:
+        _log("warning", "argus: could not send the last console lines of job %s: %r", job._job_id, exc)
+    finally:
+        _capture_guard.busy = busy
+
+
+def _capture_start(reporter: Reporter) -> None:
+    """Wrap sys.stdout and sys.stderr for a Reporter made with capture_output=True."""
+    if not reporter._capture or reporter._sender is None:
+        return
+    with _capture_lock:
+        if not _capture_users:  # at exit: after the integrations close their jobs
+            atexit.unregister(_capture_stop_all)
+            atexit.register(_capture_stop_all)
+        _capture_users.append(reporter)
+        for name, level in (("stdout", "info"), ("stderr", "warning")):
+            stream = getattr(sys, name, None)
+            if stream is None or (isinstance(stream, _Tee) and stream._on):
+                continue  # no console (pythonw), or captured already
+            tee = _Tee(stream, level)
+            _capture_tees.append((name, tee))
+            setattr(sys, name, tee)
+
+
+def _capture_stop(reporter: Reporter) -> None:
+    """Restore the streams when the last capturing Reporter ends (never someone else's)."""
+    with _capture_lock:
+        if reporter not in _capture_users:
+            return
+        _capture_users.remove(reporter)
+        if not _capture_users:
+            _capture_stop_all()
+
+
+def _capture_stop_all() -> None:
+    with _capture_lock:
+        del _capture_users[:]
+        while _capture_tees:
+            name, tee = _capture_tees.pop()
+            tee._on = False  # if it is still in use somewhere, it only writes through
+            if getattr(sys, name, None) is tee:
+                setattr(sys, name, tee._stream)
+
+
+def _capture_after_fork() -> None:
+    global _capture_lock
+    _capture_lock = threading.RLock()  # a parent's thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_capture_after_fork)
 
 
 # ---------------------------------------------------------------------------------------

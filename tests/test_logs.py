@@ -1,4 +1,4 @@
-"""Job logs: the traceback of a failed job, and argus.LogHandler.
+"""Job logs: the traceback of a failed job, argus.LogHandler, and console capture.
 
 Every event here arrives at FakeArgus, which validates it against the event schema. The
 order checked is arrival order: one worker sends a process's events in the order they were
@@ -7,14 +7,18 @@ made, so a job's log lines arrive before the job_failed that follows them.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import subprocess
+import sys
 import textwrap
 import threading
 
 import pytest
 
 import argus
-from conftest import run_script
+from conftest import ROOT, run_script
 
 QUIET = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
 
@@ -335,3 +339,256 @@ def test_log_handler_is_a_logging_handler_made_without_importing_logging_at_impo
     out = run_script(code, {})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:4] == ["False", "True True", "argus LogHandler True", "True True"]
+
+
+# --- console capture ----------------------------------------------------------------------
+
+CAPTURE_SCRIPT = r"""
+import sys, time, argus
+from tqdm import tqdm
+
+batch_id, elapsed_file = sys.argv[1], sys.argv[2]
+print("before the batch")
+with argus.Reporter(batch_id=batch_id, heartbeat=False, stop_polling=False, resource_snapshot=False) as r:
+    print("in the batch, outside jobs")
+    with r.job("train"):
+        print("epoch", 1, "loss", 0.5)
+        print("h\u00e9llo w\u00f6rld \u2713", flush=True)
+        sys.stderr.write("a warning\n")
+        print("part one, ", end="")
+        print("part two")
+        sys.stdout.writelines(["w1\n", "w2\n"])
+        t0 = time.monotonic()
+        for _ in tqdm(range(10000), file=sys.stderr, mininterval=0, miniters=1, ncols=60,
+                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}"):
+            pass
+        elapsed = time.monotonic() - t0
+        print("no newline at the end", end="")
+    print()
+    print("between jobs")
+    with r.job("quiet"):
+        pass
+with open(elapsed_file, "w") as f:
+    f.write(repr(elapsed))
+print("after the batch")
+"""
+
+
+def run_capture_script(fake, tmp_path, batch_id, capture) -> tuple:
+    pytest.importorskip("tqdm")
+    script = tmp_path / "train.py"
+    script.write_text(CAPTURE_SCRIPT, encoding="utf-8")
+    elapsed = tmp_path / ("elapsed-%s" % batch_id)
+    env = dict(os.environ, ARGUS_URL=fake.url, ARGUS_CAPTURE_OUTPUT=capture, PYTHONPATH=str(ROOT))
+    env.pop("PYTHONIOENCODING", None)
+    out = subprocess.run(
+        [sys.executable, str(script), batch_id, str(elapsed)], env=env, capture_output=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+    return out, float(elapsed.read_text())
+
+
+def test_console_capture_is_a_tee_the_output_is_byte_identical(fake, tmp_path):
+    off, _ = run_capture_script(fake, tmp_path, "capture-off", "0")
+    on, _ = run_capture_script(fake, tmp_path, "capture-on", "1")
+    assert on.stdout == off.stdout and on.stderr == off.stderr
+    assert on.stdout.startswith(b"before the batch\n") and "\u2713".encode() in on.stdout
+    assert on.stderr.count(b"\r") > 10000  # the bar was drawn at every step both times
+    lines = [e for e in fake.of_type("log_line")]
+    assert {e["batch_id"] for e in lines} == {"capture-on"}  # capture off sends nothing
+
+
+def test_console_capture_sends_the_jobs_lines_and_a_bars_final_state(fake, tmp_path):
+    _, elapsed = run_capture_script(fake, tmp_path, "capture-lines", "1")
+    lines = log_lines(fake, "train")
+    bar = [(level, line) for level, line in lines if "|" in line and "/10000" in line]
+    assert [pair for pair in lines if pair not in bar] == [
+        ("info", "epoch 1 loss 0.5"),
+        ("info", "h\u00e9llo w\u00f6rld \u2713"),
+        ("warning", "a warning"),  # stderr
+        ("info", "part one, part two"),
+        ("info", "w1"),
+        ("info", "w2"),
+        ("info", "no newline at the end"),  # the unfinished line, at the end of the job
+    ]
+    # 10,000 redraws of the bar: its state at most once a second, then its final state.
+    assert 1 <= len(bar) <= int(elapsed) + 2, (len(bar), elapsed)
+    assert bar[-1] == ("warning", "100%|" + bar[-1][1][5:]) and bar[-1][1].endswith("| 10000/10000")
+    assert all(level == "warning" and "\r" not in line for level, line in bar)
+    assert [t for t, _, _ in job_events(fake, "train")][-1] == "job_done"
+    assert log_lines(fake, "quiet") == []  # nothing printed while it was open
+
+
+def test_a_carriage_return_line_sends_its_state_once_a_second_then_its_final_state(fake, monkeypatch):
+    now = [0.0]
+    with reporter(fake, capture_output=True) as r:
+        with r.job("bar"):
+            r.flush()
+            monkeypatch.setattr(argus, "_mono", lambda: now[0])  # the capture's clock, by hand
+            for step in range(14):  # a redraw every 0.25 s, from 0 s to 3.25 s
+                sys.stderr.write("\rstep %2d/13" % step)
+                now[0] += 0.25
+            sys.stderr.write("\n")
+            sys.stderr.write("\rsettled")
+            now[0] += 1.5
+            sys.stderr.write("\rsettled")  # 1.5 s after the line began: sent
+            sys.stderr.write("\n")  # the final state is the one sent: not again
+            monkeypatch.undo()
+    assert log_lines(fake, "bar") == [
+        ("warning", "step  4/13"),  # 1 s after the line began
+        ("warning", "step  8/13"),
+        ("warning", "step 12/13"),
+        ("warning", "step 13/13"),  # the newline: the final state
+        ("warning", "settled"),
+    ]
+
+
+def test_console_lines_and_traceback_arrive_in_order_before_job_failed(fake):
+    with pytest.raises(ValueError):
+        with reporter(fake, capture_output=True) as r:
+            with r.job("bad"):
+                print("step 1")
+                print("step 2, unfinished", end="")
+                fail_deep_inside("boom")
+    events = job_events(fake, "bad")
+    assert [(etype, level, line) for etype, level, line in events[:3]] == [
+        ("job_start", None, None),
+        ("log_line", "info", "step 1"),
+        ("log_line", "info", "step 2, unfinished"),
+    ]
+    assert events[3][:2] == ("log_line", "error") and events[3][2].endswith("ValueError: boom")
+    assert [etype for etype, _, _ in events[4:]] == ["job_failed"]
+
+
+def test_console_capture_sends_20_lines_a_second_and_counts_the_rest(fake):
+    with reporter(fake, capture_output=True) as r:
+        with r.job("chatty"):
+            for i in range(100):
+                print("line", i)
+    lines = log_lines(fake, "chatty")
+    sent = [line for level, line in lines if level == "info"]
+    notes = [line for level, line in lines if level == "warning"]
+    # The 100 prints take far less than a second: the first 20 go, one note counts the rest
+    # (a slower machine would only send more lines and smaller counts).
+    assert sent[: argus.CAPTURE_MAX_LINES_S] == ["line %d" % i for i in range(20)]
+    not_sent = sum(int(note.split()[1]) for note in notes)
+    assert notes and len(sent) + not_sent == 100
+    assert notes[-1] == "[argus: %d console line(s) not sent: more than 20 lines/s]" % not_sent
+
+
+def test_console_capture_restores_the_streams_when_the_block_raises(fake):
+    before = sys.stdout, sys.stderr
+    with pytest.raises(RuntimeError):
+        with reporter(fake, capture_output=True) as r:
+            assert isinstance(sys.stdout, argus._Tee) and isinstance(sys.stderr, argus._Tee)
+            with r.job("j"):
+                raise RuntimeError("x")
+    assert (sys.stdout, sys.stderr) == before
+
+
+def test_console_capture_leaves_a_stream_someone_else_installed(fake):
+    before = sys.stdout
+    theirs = io.StringIO()
+    try:
+        with reporter(fake, capture_output=True) as r:
+            ours = sys.stdout
+            with r.job("j"):
+                print("captured")
+                sys.stdout = theirs
+                print("to their stream")
+        assert sys.stdout is theirs  # not clobbered on restore
+        ours.write("our wrapper only writes through now\n")
+    finally:
+        sys.stdout = before
+    assert theirs.getvalue() == "to their stream\n"
+    assert log_lines(fake, "j") == [("info", "captured")]
+
+
+def test_console_capture_is_opt_in_by_argument_or_environment(fake, monkeypatch):
+    with reporter(fake):
+        assert not isinstance(sys.stdout, argus._Tee)
+    monkeypatch.setenv("ARGUS_CAPTURE_OUTPUT", "1")
+    with reporter(fake):
+        assert isinstance(sys.stdout, argus._Tee)
+    with reporter(fake, capture_output=False):
+        assert not isinstance(sys.stdout, argus._Tee)
+
+
+def test_console_capture_works_over_a_stream_that_is_not_a_file(fake):
+    class NotebookStream:  # like Jupyter's OutStream: no fileno, no buffer
+        def __init__(self):
+            self.parts, self.flushes = [], 0
+
+        def write(self, text):
+            self.parts.append(text)
+            return len(text)
+
+        def flush(self):
+            self.flushes += 1
+
+    before = sys.stdout
+    notebook = sys.stdout = NotebookStream()
+    try:
+        with reporter(fake, capture_output=True) as r:
+            with r.job("cell"):
+                print("from a cell", flush=True)
+                assert not hasattr(sys.stdout, "fileno") and not hasattr(sys.stdout, "buffer")
+                sys.stdout.flushes_seen = notebook.flushes  # attributes land on the stream itself
+    finally:
+        sys.stdout = before
+    assert "".join(notebook.parts) == "from a cell\n" and notebook.flushes == 1
+    assert notebook.flushes_seen == 1
+    assert log_lines(fake, "cell") == [("info", "from a cell")]
+
+
+def test_the_wrapped_streams_answer_like_the_originals(fake, tmp_path):
+    code = textwrap.dedent(
+        """
+        import sys, argus
+
+        def describe():
+            return [(s.fileno(), s.isatty(), s.encoding, s.errors, type(s.buffer).__name__,
+                     s.line_buffering, s.writable()) for s in (sys.stdout, sys.stderr)]
+
+        plain = describe()
+        with argus.Reporter(capture_output=True, heartbeat=False, stop_polling=False,
+                            resource_snapshot=False) as r:
+            with r.job("j"):
+                print(type(sys.stdout).__name__, describe() == plain, flush=True)
+        print(type(sys.stdout).__name__, plain)
+        """
+    )
+    out = run_script(code, {"ARGUS_URL": fake.url})
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == "_Tee True"
+    assert second.startswith("TextIOWrapper [(1, False,")
+
+
+def test_sigterm_restores_the_streams_before_the_programs_handler_runs(fake):
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time, argus
+
+        def handler(signum, frame):
+            print("handler sees", type(sys.stdout).__name__, type(sys.stderr).__name__, flush=True)
+            sys.exit(3)
+
+        signal.signal(signal.SIGTERM, handler)
+        with argus.Reporter(capture_output=True, heartbeat=False, stop_polling=False,
+                            resource_snapshot=False) as r:
+            with r.job("long"):
+                print("working", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+        """
+    )
+    out = run_script(code, {"ARGUS_URL": fake.url})
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "working\nhandler sees TextIOWrapper TextIOWrapper\n"
+    assert [(t, level) for t, level, _ in job_events(fake, "long")] == [
+        ("job_start", None),
+        ("log_line", "info"),
+        ("job_failed", None),
+    ]
+    assert fake.of_type("job_failed")[0]["data"]["error"] == "terminated by SIGTERM"
