@@ -665,7 +665,7 @@ def test_hydra_failed_job_fails_the_job_and_the_multirun_batch(fake, tmp_path):
     ]
     failed = fake.of_type("job_failed")[0]["data"]
     assert failed["status"] == "FAILED" and failed["reason"] == "ValueError: a=2 is not allowed"
-    (traceback,) = [e["data"] for e in fake.of_type("log_line") if e["data"]["level"] == "error"]
+    (traceback,) = [e["data"] for e in fake.of_type("log_line") if e["data"].get("level") == "error"]
     assert traceback["line"].endswith("ValueError: a=2 is not allowed")
     assert fake.of_type("batch_failed")[0]["data"]["reason"] == "ValueError: a=2 is not allowed"
 
@@ -701,7 +701,7 @@ def test_hydra_jobs_launched_in_other_processes_report_into_the_same_batch(fake,
     ends = {e["job_id"]: e for e in events if e["event_type"] in ("job_done", "job_failed")}
     assert {j: e["event_type"] for j, e in ends.items()} == {"0": "job_done", "1": "job_done", "2": "job_failed"}
     assert ends["2"]["data"]["reason"] == "ValueError: a=3 is not allowed"
-    (traceback,) = [e for e in fake.of_type("log_line") if e["data"]["level"] == "error"]
+    (traceback,) = [e for e in fake.of_type("log_line") if e["data"].get("level") == "error"]
     assert traceback["job_id"] == "2" and traceback["data"]["line"].endswith("ValueError: a=3 is not allowed")
     assert ends["1"]["data"]["metrics"] == {"score": 20}
     lines = sorted(e["data"]["line"] for e in fake.of_type("log_line") if e["data"]["line"].startswith("task"))
