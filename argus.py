@@ -2998,13 +2998,14 @@ def _build_log_handler():
     own, own_prefix = __name__, __name__ + "."
 
     class LogHandler(logging.Handler):
-        """Send ``logging`` records to the open job's log: ``logging.getLogger().addHandler(argus.LogHandler())``.
+        """Send ``logging`` records to the open job's log in Argus.
 
-        A record emitted while a job is open goes to the innermost open job of the innermost
-        active Reporter, at its level in lower case (debug/info/warning/error/critical). A
-        record outside any job goes to ``job_id`` when one is given (in the active batch, or
-        under ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are
-        never forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
+        ``logging.getLogger().addHandler(argus.LogHandler())`` is all it takes. A record
+        emitted while a job is open goes to the innermost open job of the innermost active
+        Reporter, at its level in lower case (debug/info/warning/error/critical). A record
+        outside any job goes to ``job_id`` when one is given (in the active batch, or under
+        ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are never
+        forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
         """
 
         def __init__(self, job_id: str | None = None, level: int = logging.NOTSET) -> None:
