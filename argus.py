@@ -23,6 +23,7 @@ __all__ = [
     "EVENT_TYPES",
     "Reporter",
     "JobContext",
+    "LogHandler",  # noqa: F822 - made on first access by the module's __getattr__
     "ExperimentReporter",
     "SpillStore",
     "derive_batch_id",
@@ -80,6 +81,8 @@ JOURNAL_AFTER_S = 1.0  # an event the server has not acknowledged is on disk aft
 MAX_BATCH_EVENTS = 500  # the server's limit per /api/events/batch request
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # keep request bodies bounded
 MAX_STRING_CHARS = 16 * 1024  # longer strings (log lines, reasons) are truncated
+TRACEBACK_MAX_BYTES = 16 * 1024  # a failed job's traceback keeps its last 16 KiB
+CAPTURE_MAX_LINES_S = 20  # console lines sent per second per job; the rest are counted
 _MAX_EVENT_CHARS = 64 * 1024  # an encoded event above this is re-encoded with truncation
 _MAX_DEPTH = 16  # nesting depth of values kept as structures
 
@@ -113,6 +116,8 @@ ENV_DURABLE = "ARGUS_DURABLE"  # 1: every event reaches the kernel before the ca
 ENV_DRAIN_S = "ARGUS_DRAIN_S"  # seconds the exit may wait for delivery (default DRAIN_S)
 ENV_SYNC_ON_EXIT = "ARGUS_SYNC_ON_EXIT"  # 1: hand a backlog left at exit to a detached `argus sync`
 ENV_MODE = "ARGUS_MODE"  # "offline" is the same as ARGUS_OFFLINE=1
+ENV_CAPTURE_OUTPUT = "ARGUS_CAPTURE_OUTPUT"  # 1: Reporter(capture_output=True) by default
+ENV_TRACEBACKS = "ARGUS_TRACEBACKS"  # 0: a failed job's traceback is not sent to its log
 
 DEFAULT_SPILL_MAX_MB = 1024.0
 DEFAULT_SPILL_ROTATE_S = 30.0
@@ -591,7 +596,7 @@ def _scrub_args(args: list) -> list:
                 hide_next = True
         elif eq and _is_secret_option(name):
             arg = name + "=***"
-        out.append(_scrub_text(arg))
+        out.append(_scrub_arg(arg))
     return out
 
 
@@ -606,8 +611,8 @@ def _is_secret_option(name: str) -> bool:
     return bool(set(words) & _SECRET_WORDS) or words[-1] in _SECRET_LAST_WORDS or "apikey" in words
 
 
-def _scrub_text(text: str) -> str:
-    """Hide secrets inside free text: URL passwords, em_live_ tokens, the configured tokens."""
+def _scrub_arg(text: str) -> str:
+    """Hide secrets inside one argument: URL passwords, em_live_ tokens, the configured tokens."""
     import re
 
     text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
@@ -622,6 +627,7 @@ _SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials
 _SECRET_LAST_WORDS = frozenset(("key", "token", "secret", "pass", "pw", "pwd"))
 _SECRET_SHORT_OPTIONS = frozenset(("-p",))
 _known_secrets = set()  # tokens this process was configured with: never recorded anywhere
+_is_secret_name = _is_secret_option  # the same rule for free text (tracebacks)
 
 
 _SOURCE_CACHE = {}
@@ -3487,6 +3493,7 @@ class Reporter:
         all_ranks: bool | None = None,
         durable: bool | None = None,
         drain_timeout: float | None = None,
+        capture_output: bool | None = None,
     ):
         if not isinstance(batch_prefix, str) or not batch_prefix:
             raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
@@ -3515,6 +3522,7 @@ class Reporter:
         self._drain_timeout = drain_timeout
         self._job_ids = {}  # job id -> how many jobs used it (a repeat is renamed id-2, id-3...)
         self._end_sent = False
+        self._capture = _env_flag(ENV_CAPTURE_OUTPUT) if capture_output is None else bool(capture_output)
         self._sender = None
         self._stopped = False
         self._jobs = []
@@ -3626,6 +3634,7 @@ class Reporter:
         if self._sender is not None:
             _install_sigterm()
             self._start_daemons()
+            _capture_start(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -3669,6 +3678,7 @@ class Reporter:
             self._sender.batch_failed(failure, total_elapsed_s=elapsed)
 
     def _leave(self) -> None:
+        _capture_stop(self)
         if self in _active:
             _active.remove(self)
         if threading.get_ident() == self._env_thread:
@@ -3925,6 +3935,10 @@ class JobContext:
 
     def _end(self, exc_type, exc, reason: str | None = None) -> None:
         self._done = True
+        try:
+            _end_job_log(self, exc)  # its last console lines, then the traceback of a failure
+        except Exception as exc2:
+            _log("error", "argus: could not send the end of job %s's log: %r", self._job_id, exc2)
         self._sender_after = self._sender
         self._sender = _ENDED
         parent = self._parent
@@ -4045,6 +4059,409 @@ class JobContext:
         if not uploads:
             return 0
         return sum(1 for result in sender._uploads(uploads) if result is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Job logs: tracebacks, logging handler, console capture
+# ---------------------------------------------------------------------------------------
+# Three ways into a job's log pane besides job.log(): the traceback of a failure (always),
+# records of the `logging` module (argus.LogHandler) and console output
+# (Reporter(capture_output=True)). Each sends log_line events to the innermost open job of
+# the innermost active Reporter. A log_line needs a job id (PROTOCOL.md), so a batch that
+# fails outside any job has no log to put its traceback in: its cause is in batch_failed.
+
+
+def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
+    """One ``log_line`` (level error) with the scrubbed, bounded traceback of ``exc``."""
+    if not isinstance(exc, BaseException) or not _env_flag(ENV_TRACEBACKS, True):
+        return
+    try:
+        sender.log_line(job_id, _traceback_text(exc, sender._token), level="error")
+    except Exception as error:  # a failure report must not fail
+        _log("warning", "argus: could not send the traceback of job %s: %r", job_id, error)
+
+
+def _traceback_text(exc: BaseException, token: str | None = None) -> str:
+    """The formatted traceback, secrets hidden, cut from the front to TRACEBACK_MAX_BYTES."""
+    import traceback
+
+    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    text = _scrub_text(full[-4 * TRACEBACK_MAX_BYTES :], token)  # bound the scrubbing too
+    data = text.encode("utf-8", "replace")
+    if len(full) <= 4 * TRACEBACK_MAX_BYTES and len(data) <= TRACEBACK_MAX_BYTES:
+        return text
+    # Keep the end: the exception itself and its innermost frames, from a line start on.
+    marker = "[argus: this traceback was cut to its last %d KiB]\n" % (TRACEBACK_MAX_BYTES // 1024)
+    tail = data[-(TRACEBACK_MAX_BYTES - len(marker)) :].decode("utf-8", "ignore")
+    line_start = tail.find("\n", 0, 1024)
+    return marker + tail[line_start + 1 :]
+
+
+def _scrub_text(text: str, token: str | None = None) -> str:
+    """Hide secrets in free text with the command line's rules (see _scrub_args).
+
+    ``--token X``, ``password=X``, ``api_key: X``, ``"secret": "X"``, em_live_ tokens,
+    ``Bearer X``, the password of ``scheme://user:password@host`` and the configured token.
+    """
+    import re
+
+    if token and len(token) >= 4:
+        text = text.replace(token, "***")
+
+    value = r"(\"[^\"\n]*\"|'[^'\n]*'|[^\s'\",;()\[\]{}]+)"
+    for pattern in (
+        r"(?<![\w-])(--?[A-Za-z][\w.-]*)(\s+)" + value,  # --token X
+        r"\b([A-Za-z_][\w.-]*)(['\"]?\s*(?:=(?!=)|:)\s*)" + value,  # password=X, "secret": "X"
+    ):
+        # name, separator, value; after a name that is no secret, the search goes on from
+        # its value, which may be a pair itself ("error: password=X")
+        pattern, out, pos = re.compile(pattern), [], 0
+        m = pattern.search(text)
+        while m:
+            if _is_secret_name(m.group(1)):
+                quote = m.group(3)[0] if m.group(3)[0] in "'\"" else ""
+                out.append(text[pos : m.start(3)] + quote + "***" + quote)
+                pos = m.end()
+            else:
+                out.append(text[pos : m.end(2)])
+                pos = m.end(2)
+            m = pattern.search(text, pos)
+        text = "".join(out) + text[pos:]
+    text = re.sub(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
+    text = re.sub(r"(?i)\b(bearer)(\s+)[\w.~+/-]+=*", r"\1\2***", text)
+    text = re.sub(r"\b(Basic)(\s+)[A-Za-z0-9+/]{12,}={0,2}(?!\w)", r"\1\2***", text)
+    return re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
+
+
+def _end_job_log(job: JobContext, exc) -> None:
+    """Before ``job_done``/``job_failed``: the job's last console lines, then its traceback."""
+    sender = job._sender
+    if sender is None or sender is _ENDED:
+        return
+    if _capture_users and job._parent._capture:
+        _capture_flush(job)
+    if exc is not None:
+        _send_traceback(sender, job._job_id, exc)
+
+
+def _send_line(sender: ExperimentReporter, job_id: str, line: str, level: str) -> None:
+    """``log_line`` for a checked job id and a lower-case level: the short way, per record."""
+    text = _truncate(line)
+    sender._submit("log_line", job_id, {"line": text, "level": level}, size=len(text) + 64)
+
+
+def _open_job():
+    """The innermost open job of the innermost active Reporter, if that Reporter sends."""
+    try:
+        jobs = _active[-1]._jobs if _active else None
+        job = jobs[-1] if jobs else None
+    except IndexError:  # a Reporter or a job ended on another thread just now
+        return None
+    return job if job is not None and job._sender is not None else None
+
+
+_LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
+
+
+def _level_name(levelno: int) -> str:
+    """A logging level as the server stores it; custom levels go to the standard one below."""
+    if levelno >= 40:
+        return "critical" if levelno >= 50 else "error"
+    if levelno >= 30:
+        return "warning"
+    return "info" if levelno >= 20 else "debug"
+
+
+def _on_argus_thread(name: str | None = None) -> bool:
+    # Records and output of the SDK's own threads (urllib3's debug lines about the worker's
+    # requests) would feed themselves: each would make another request.
+    return (name or threading.current_thread().name).startswith("argus-")
+
+
+def __getattr__(name: str):
+    # PEP 562: LogHandler subclasses logging.Handler, and `import argus` must not import
+    # logging; the class is made on first access and then is a plain module attribute.
+    if name == "LogHandler":
+        with _state_lock:
+            cls = globals().get("LogHandler")
+            if cls is None:
+                cls = _build_log_handler()
+                cls.__module__, cls.__qualname__ = __name__, "LogHandler"  # pickle finds it here
+                globals()["LogHandler"] = cls
+        return cls
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def __dir__():
+    return sorted(set(globals()) | {"LogHandler"})
+
+
+def _build_log_handler():
+    import logging
+
+    own, own_prefix = __name__, __name__ + "."
+
+    class LogHandler(logging.Handler):
+        """Send ``logging`` records to the open job's log in Argus.
+
+        ``logging.getLogger().addHandler(argus.LogHandler())`` is all it takes. A record
+        emitted while a job is open goes to the innermost open job of the innermost active
+        Reporter, at its level in lower case (debug/info/warning/error/critical). A record
+        outside any job goes to ``job_id`` when one is given (in the active batch, or under
+        ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are never
+        forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
+        """
+
+        def __init__(self, job_id: str | None = None, level: int = logging.NOTSET) -> None:
+            super().__init__(level)
+            if job_id is not None:
+                _check_job_id(job_id)
+            self.job_id = job_id
+
+        def emit(self, record) -> None:
+            name = record.name
+            if name == own or name.startswith(own_prefix) or _on_argus_thread(record.threadName):
+                return
+            try:
+                job = _open_job()
+                if job is not None:
+                    sender, job_id, batch_id = job._sender, job._job_id, None
+                elif self.job_id is None:
+                    _log_once(
+                        "loghandler-outside",
+                        "debug",
+                        "argus: LogHandler skips records emitted outside a job "
+                        "(LogHandler(job_id=...) sends them to that job)",
+                    )
+                    return
+                elif _active:
+                    sender, job_id, batch_id = _active[-1]._sender, self.job_id, None
+                else:
+                    batch_id = get_batch_id()
+                    sender, job_id = (_sender_for_emit() if batch_id else None), self.job_id
+                if sender is None:
+                    return  # a disabled Reporter, or no batch to send to
+                line = self.format(record)
+                if record.exc_info or record.exc_text:
+                    line = _scrub_text(line, sender._token)
+                level = _LEVEL_NAMES.get(record.levelno) or _level_name(record.levelno)
+                if batch_id is None:
+                    _send_line(sender, job_id, line, level)
+                else:
+                    sender.emit("log_line", batch_id=batch_id, job_id=job_id, line=_truncate(line), level=level)
+            except Exception:
+                self.handleError(record)
+
+    return LogHandler
+
+
+# Console capture. While a capturing Reporter is active, sys.stdout and sys.stderr are
+# _Tee objects: every write goes first, unchanged, to the stream they replaced, and complete
+# lines are then copied to the open job's log. Only Python-level writes are seen: output
+# written to the file descriptors (child processes, C extensions, os.write) is not.
+
+_capture_users = []  # capturing Reporters, innermost last
+_capture_tees = []  # (name in sys, _Tee) in the order they were installed
+_capture_lock = threading.RLock()  # reentrant: a SIGTERM handler may flush mid-write
+
+
+class _CaptureGuard(threading.local):
+    busy = False  # this thread is inside the capture: what it writes is not captured again
+
+
+_capture_guard = _CaptureGuard()
+
+
+class _Tee:
+    """A text stream that writes through to ``stream`` and copies its lines to the job log.
+
+    Every attribute it does not define (flush, fileno, isatty, encoding, buffer...) is the
+    wrapped stream's, so it works over a terminal, a pipe, Jupyter's stream or pytest's.
+    """
+
+    __slots__ = ("_stream", "_level", "_on", "_parts", "_bar_since", "_bar_sent")
+
+    def __init__(self, stream, level: str) -> None:
+        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_level", level)
+        object.__setattr__(self, "_on", True)
+        object.__setattr__(self, "_parts", [])  # the line being written, not yet ended
+        object.__setattr__(self, "_bar_since", None)  # when a \r line began or last went out
+        object.__setattr__(self, "_bar_sent", None)  # the state that went out then
+
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_stream"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _Tee.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._stream, name, value)
+
+    def __repr__(self) -> str:
+        return "<argus console capture of %r>" % (self._stream,)
+
+    def write(self, text):
+        count = self._stream.write(text)
+        if self._on and _active and type(text) is str:
+            if "\n" in text or "\r" in text:
+                self._feed(text)
+            else:  # the middle of a line (print writes each argument): kept for its end
+                parts = self._parts
+                parts.append(text)  # atomic: no lock on this path
+                if len(parts) > 256:
+                    self._feed("")
+        return count
+
+    def writelines(self, lines) -> None:
+        lines = list(lines)
+        self._stream.writelines(lines)
+        if self._on and _active:
+            for text in lines:
+                if type(text) is str:
+                    self._feed(text)
+
+    def _feed(self, text: str) -> None:
+        if _capture_guard.busy:
+            return
+        job = _open_job()
+        if job is None or not job._parent._capture:
+            self._parts = []  # output between jobs is not kept
+            return
+        if _on_argus_thread():
+            return
+        _capture_guard.busy = True
+        try:
+            with _capture_lock:
+                parts, self._parts = self._parts, []
+                parts.append(text)
+                buf = "".join(parts)
+                if "\n" in text:
+                    lines = buf.split("\n")
+                    buf = lines.pop()
+                    for line in lines:
+                        line = _final_state(line)
+                        if line != self._bar_sent:  # a bar whose last state went out already
+                            _capture_line(job, line, self._level)
+                        self._bar_since = self._bar_sent = None
+                if "\r" in buf:
+                    buf = _final_state(buf, keep_cr=True)
+                    now = _mono()
+                    if self._bar_since is None:
+                        self._bar_since = now
+                    elif now - self._bar_since >= 1.0:  # a progress bar: its state once a second
+                        self._bar_since, self._bar_sent = now, buf.rstrip("\r")
+                        _capture_line(job, self._bar_sent, self._level)
+                if len(buf) > MAX_STRING_CHARS:  # a line without an end: send what there is
+                    _capture_line(job, buf, self._level)
+                elif buf:
+                    self._parts.insert(0, buf)  # before what other threads added meanwhile
+        except Exception:
+            pass  # the program's output went through already; only the copy is lost
+        finally:
+            _capture_guard.busy = False
+
+
+def _final_state(line: str, keep_cr: bool = False) -> str:
+    """What a terminal shows of a line written with carriage returns: its last non-empty part.
+
+    ``keep_cr`` keeps the carriage returns after that part (more text may overwrite it).
+    """
+    i = line.rstrip("\r").rfind("\r")
+    tail = line[i + 1 :] if i >= 0 else line
+    return tail if keep_cr else tail.rstrip("\r")
+
+
+def _capture_line(job: JobContext, line: str, level: str) -> None:
+    """Send one console line, at most CAPTURE_MAX_LINES_S a second per job; count the rest."""
+    if not line.strip():
+        return
+    now = _mono()
+    rate = job.__dict__.get("_console_rate")  # [window start, sent, not sent]
+    if rate is None or now - rate[0] >= 1.0:
+        if rate is not None and rate[2]:
+            _capture_note(job, rate[2])
+        rate = job._console_rate = [now, 0, 0]
+    if rate[1] >= CAPTURE_MAX_LINES_S:
+        rate[2] += 1
+        return
+    rate[1] += 1
+    _send_line(job._sender, job._job_id, line, level)
+
+
+def _capture_note(job: JobContext, count: int) -> None:
+    job._sender.log_line(
+        job._job_id,
+        "[argus: %d console line(s) not sent: more than %d lines/s]" % (count, CAPTURE_MAX_LINES_S),
+        level="warning",
+    )
+
+
+def _capture_flush(job: JobContext) -> None:
+    """At the end of ``job``: its unfinished console lines and the count of lines not sent."""
+    busy, _capture_guard.busy = _capture_guard.busy, True
+    try:
+        with _capture_lock:
+            for _name, tee in _capture_tees:
+                if tee._parts and tee._on:
+                    line, sent = _final_state("".join(tee._parts)), tee._bar_sent
+                    tee._parts, tee._bar_since, tee._bar_sent = [], None, None
+                    if line != sent:
+                        _capture_line(job, line, tee._level)
+            rate = job.__dict__.pop("_console_rate", None)
+            if rate is not None and rate[2]:
+                _capture_note(job, rate[2])
+    except Exception as exc:
+        _log("warning", "argus: could not send the last console lines of job %s: %r", job._job_id, exc)
+    finally:
+        _capture_guard.busy = busy
+
+
+def _capture_start(reporter: Reporter) -> None:
+    """Wrap sys.stdout and sys.stderr for a Reporter made with capture_output=True."""
+    if not reporter._capture or reporter._sender is None:
+        return
+    with _capture_lock:
+        if not _capture_users:  # at exit: after the integrations close their jobs
+            atexit.unregister(_capture_stop_all)
+            atexit.register(_capture_stop_all)
+        _capture_users.append(reporter)
+        for name, level in (("stdout", "info"), ("stderr", "warning")):
+            stream = getattr(sys, name, None)
+            if stream is None or (isinstance(stream, _Tee) and stream._on):
+                continue  # no console (pythonw), or captured already
+            tee = _Tee(stream, level)
+            _capture_tees.append((name, tee))
+            setattr(sys, name, tee)
+
+
+def _capture_stop(reporter: Reporter) -> None:
+    """Restore the streams when the last capturing Reporter ends (never someone else's)."""
+    with _capture_lock:
+        if reporter not in _capture_users:
+            return
+        _capture_users.remove(reporter)
+        if not _capture_users:
+            _capture_stop_all()
+
+
+def _capture_stop_all() -> None:
+    with _capture_lock:
+        del _capture_users[:]
+        while _capture_tees:
+            name, tee = _capture_tees.pop()
+            tee._on = False  # if it is still in use somewhere, it only writes through
+            if getattr(sys, name, None) is tee:
+                setattr(sys, name, tee._stream)
+
+
+def _capture_after_fork() -> None:
+    global _capture_lock
+    _capture_lock = threading.RLock()  # a parent's thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_capture_after_fork)
 
 
 # ---------------------------------------------------------------------------------------
@@ -5140,6 +5557,7 @@ def _build_hydra_callback():
             if exc is None:
                 sender.job_done(job_id, metrics=metrics or None, elapsed_s=elapsed)
             else:
+                _send_traceback(sender, job_id, exc)
                 sender.job_failed(job_id, reason=_reason(type(exc), exc), elapsed_s=elapsed)
             sender.close(DRAIN_S)
 

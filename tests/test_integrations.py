@@ -287,13 +287,16 @@ def test_lightning_exception_in_training_fails_the_job_and_the_batch(fake):
         ("batch_start", None),
         ("job_start", "fails"),
         ("job_epoch", "fails"),
+        ("log_line", "fails"),  # the traceback
         ("job_failed", "fails"),
         ("batch_failed", None),
     ]
     assert events[2]["data"]["epoch"] == 0
-    assert events[3]["data"]["status"] == "FAILED"
-    assert events[3]["data"]["reason"] == "ValueError: boom at epoch 1"
+    assert events[3]["data"]["level"] == "error"
+    assert events[3]["data"]["line"].endswith("ValueError: boom at epoch 1")
+    assert events[4]["data"]["status"] == "FAILED"
     assert events[4]["data"]["reason"] == "ValueError: boom at epoch 1"
+    assert events[5]["data"]["reason"] == "ValueError: boom at epoch 1"
 
 
 def test_lightning_failure_before_training_starts_is_still_reported(fake):
@@ -310,10 +313,12 @@ def test_lightning_failure_before_training_starts_is_still_reported(fake):
     assert sequence(events) == [
         ("batch_start", None),
         ("job_start", "early"),
+        ("log_line", "early"),  # the traceback
         ("job_failed", "early"),
         ("batch_failed", None),
     ]
-    assert events[2]["data"]["reason"] == "RuntimeError: bad validation data"
+    assert events[2]["data"]["line"].endswith("RuntimeError: bad validation data")
+    assert events[3]["data"]["reason"] == "RuntimeError: bad validation data"
 
 
 def test_lightning_stop_button_stops_the_trainer(fake):
@@ -480,11 +485,15 @@ def test_keras_report_failure_fails_the_job_and_the_batch(fake):
         ("job_start", "fails"),
         ("job_epoch", "fails"),
         ("job_epoch", "fails"),
+        ("log_line", "fails"),  # the traceback
         ("job_failed", "fails"),
         ("batch_failed", None),
     ]
-    assert events[4]["data"]["reason"] == "RuntimeError: loss exploded"
+    assert events[4]["data"]["level"] == "error"
+    assert "in on_epoch_end" in events[4]["data"]["line"]
+    assert events[4]["data"]["line"].endswith("RuntimeError: loss exploded")
     assert events[5]["data"]["reason"] == "RuntimeError: loss exploded"
+    assert events[6]["data"]["reason"] == "RuntimeError: loss exploded"
 
 
 def test_keras_failure_nobody_reported_is_closed_when_the_process_ends(fake, tmp_path):
@@ -518,10 +527,12 @@ def test_keras_failure_nobody_reported_is_closed_when_the_process_ends(fake, tmp
         "job_start",
         "job_epoch",
         "job_epoch",
+        "log_line",  # the traceback of the uncaught exception
         "job_failed",
         "batch_failed",
     ]
-    assert events[4]["data"]["reason"] == "MemoryError: out of memory in epoch 1"
+    assert events[4]["data"]["line"].endswith("MemoryError: out of memory in epoch 1")
+    assert events[5]["data"]["reason"] == "MemoryError: out of memory in epoch 1"
 
 
 def test_keras_stop_button_stops_fit(fake):
@@ -654,6 +665,8 @@ def test_hydra_failed_job_fails_the_job_and_the_multirun_batch(fake, tmp_path):
     ]
     failed = fake.of_type("job_failed")[0]["data"]
     assert failed["status"] == "FAILED" and failed["reason"] == "ValueError: a=2 is not allowed"
+    (traceback,) = [e["data"] for e in fake.of_type("log_line") if e["data"].get("level") == "error"]
+    assert traceback["line"].endswith("ValueError: a=2 is not allowed")
     assert fake.of_type("batch_failed")[0]["data"]["reason"] == "ValueError: a=2 is not allowed"
 
 
@@ -667,6 +680,7 @@ def test_hydra_failed_single_run_fails_the_job_and_the_batch(fake, tmp_path):
         ("batch_start", None),
         ("job_start", "0"),
         ("log_line", "0"),  # hydra overrides: fail_when=1
+        ("log_line", "0"),  # the traceback
         ("job_failed", "0"),
         ("batch_failed", None),
     ]
@@ -687,6 +701,8 @@ def test_hydra_jobs_launched_in_other_processes_report_into_the_same_batch(fake,
     ends = {e["job_id"]: e for e in events if e["event_type"] in ("job_done", "job_failed")}
     assert {j: e["event_type"] for j, e in ends.items()} == {"0": "job_done", "1": "job_done", "2": "job_failed"}
     assert ends["2"]["data"]["reason"] == "ValueError: a=3 is not allowed"
+    (traceback,) = [e for e in fake.of_type("log_line") if e["data"].get("level") == "error"]
+    assert traceback["job_id"] == "2" and traceback["data"]["line"].endswith("ValueError: a=3 is not allowed")
     assert ends["1"]["data"]["metrics"] == {"score": 20}
     lines = sorted(e["data"]["line"] for e in fake.of_type("log_line") if e["data"]["line"].startswith("task"))
     assert lines == ["task a=1 in %s" % batch_id, "task a=2 in %s" % batch_id]
