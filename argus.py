@@ -6516,9 +6516,9 @@ def _cmd_status(args) -> int:
     report = {
         "version": __version__,
         "url": url,
-        "url_source": url_source or "not configured",
+        "url_source": url_source or "default",
         "token": _redact(token),
-        "token_source": token_source or "not configured",
+        "token_source": token_source or "default",
         "transport": _transport_name(),
         "transport_source": "environment (%s)" % ENV_TRANSPORT if os.environ.get(ENV_TRANSPORT) else "default",
         "spill_dir": store.directory,
@@ -6531,6 +6531,11 @@ def _cmd_status(args) -> int:
             else "environment (%s)" % ENV_MODE if offline else "default"
         ),
         "disabled": _env_flag(ENV_DISABLE),
+        "disabled_source": "environment (%s)" % ENV_DISABLE if os.environ.get(ENV_DISABLE) else "default",
+        "durable": _env_flag(ENV_DURABLE),
+        "durable_source": "environment (%s)" % ENV_DURABLE if os.environ.get(ENV_DURABLE) else "default",
+        "drain_s": _drain_s(),
+        "drain_s_source": "environment (%s)" % ENV_DRAIN_S if os.environ.get(ENV_DRAIN_S) else "default",
         "backlog": store.backlog(),
         "server": None,
     }
@@ -6546,7 +6551,9 @@ def _cmd_status(args) -> int:
             ("transport", report["transport"], report["transport_source"]),
             ("spill dir", store.directory, report["spill_dir_source"]),
             ("offline", "yes" if offline else "no", report["offline_source"]),
-            ("disabled", "yes" if report["disabled"] else "no", ENV_DISABLE),
+            ("disabled", "yes" if report["disabled"] else "no", report["disabled_source"]),
+            ("durable", "yes" if report["durable"] else "no", report["durable_source"]),
+            ("exit drain", "%g s" % report["drain_s"], report["drain_s_source"]),
         ]
         b = report["backlog"]
         rows.append(
@@ -6708,10 +6715,20 @@ def _print_table(title: str, header: tuple, rows: list) -> None:
 
 
 def _cmd_demo(args) -> int:
-    import math
+    """The same output on every run; its files live in a temporary folder removed at the end."""
+    import shutil
     import tempfile
 
     workdir = tempfile.mkdtemp(prefix="argus-demo-")
+    try:
+        return _run_demo(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_demo(workdir: str) -> int:
+    import math
+
     saved = {k: os.environ.get(k) for k in (ENV_SPILL_DIR, ENV_DISABLE, ENV_OFFLINE, ENV_MODE, "RANK", "SLURM_PROCID")}
     os.environ[ENV_SPILL_DIR] = os.path.join(workdir, "spill")  # never touch the user's store
     for name in (ENV_DISABLE, ENV_OFFLINE, ENV_MODE, "RANK", "SLURM_PROCID"):
@@ -6723,6 +6740,7 @@ def _cmd_demo(args) -> int:
         with _Collector(artifacts_dir=os.path.join(workdir, "artifacts")) as collector:
             with Reporter(
                 "demo",
+                batch_id=derive_batch_id("argus-demo", "demo", git_sha="demo", prefix="demo"),  # same every run
                 source_project="argus-demo",
                 experiment_type="demo",
                 n_total=2,
@@ -6747,10 +6765,12 @@ def _cmd_demo(args) -> int:
                             job.log("Stop requested: ending at epoch %d" % epoch, level="WARNING")
                             break
                         job.epoch(epoch, train_loss=round(math.exp(-epoch / 4), 4), lr=1e-3)
-                        if epoch == 2:
+                        if epoch == 2:  # someone presses Stop in the UI: the poller sees it
                             r.flush(5.0)
                             collector.request_stop(r.batch_id, requested_by="demo")
-                        time.sleep(0.1)
+                            deadline = time.monotonic() + 10
+                            while not job.stopped and time.monotonic() < deadline:
+                                time.sleep(0.05)
             batch = collector.batch(r.batch_id) or {}
             _print_table(
                 "batch",
@@ -6761,8 +6781,11 @@ def _cmd_demo(args) -> int:
             for j in collector.jobs(r.batch_id):
                 epochs = collector.epochs(r.batch_id, j["job_id"])
                 last = epochs[-1] if epochs else {}
+                status = j["status"]
+                if j["job_id"] == "demo-mlp" and r.stopped and len(epochs) < 50:
+                    status += " (stopped early)"
                 rows.append(
-                    (j["job_id"], j["status"], len(epochs), last.get("train_loss"), last.get("val_loss"),
+                    (j["job_id"], status, len(epochs), last.get("train_loss"), last.get("val_loss"),
                      _dumps(j["metrics"]) if j.get("metrics") else None)
                 )
             _print_table("jobs", ("job_id", "status", "epochs", "last train_loss", "last val_loss", "metrics"), rows)
@@ -6777,7 +6800,6 @@ def _cmd_demo(args) -> int:
                 % (sender.delivered if sender else 0, collector.event_count(),
                    sender.spill.spilled if sender else 0, "yes" if r.stopped else "no")
             )
-            print("files: %s" % workdir)
     finally:
         for name, value in saved.items():
             if value is None:
@@ -6839,11 +6861,11 @@ def _build_parser():
     p.set_defaults(func=_cmd_batch_id)
 
     p = sub.add_parser("serve", help="run a small local collector (for trying the SDK)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
     p.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
-    p.add_argument("--artifacts", help="folder for uploaded files")
-    p.add_argument("--token", help="require this token")
+    p.add_argument("--artifacts", help="folder for uploaded files (default: a temporary folder)")
+    p.add_argument("--token", help="require this token (default: accept any request)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("stop", help="request a stop of a batch (local collector)")

@@ -484,7 +484,7 @@ def test_status_finds_the_url_in_monitor_yaml(fake, tmp_path, capsys):
     assert argus.main(["status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["url"], report["url_source"]) == (fake.url, os.path.join("configs", "monitor.yaml"))
-    assert (report["token"], report["token_source"]) == (None, "not configured")
+    assert (report["token"], report["token_source"]) == (None, "default")
 
 
 # -- `argus emit` ---------------------------------------------------------------------------------
@@ -648,10 +648,15 @@ def test_demo_runs_on_a_bare_python_without_third_party_packages(tmp_path):
     bare = subprocess.run([str(python), "-c", check], cwd=str(alone), env=env, capture_output=True, text=True)
     assert bare.stdout.strip() == "[]", bare.stderr
 
-    out = subprocess.run(
-        [str(python), "argus.py", "demo"], cwd=str(alone), env=env, capture_output=True, text=True, timeout=120
+    out, again = (
+        subprocess.run(
+            [str(python), "argus.py", "demo"], cwd=str(alone), env=env, capture_output=True, text=True, timeout=120
+        )
+        for _ in range(2)
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert again.stdout == out.stdout  # the same output on every run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "bare"]  # nothing left behind
     tables, title = {}, None
     for line in out.stdout.splitlines():
         if line in ("batch", "jobs", "artifacts"):
@@ -664,11 +669,11 @@ def test_demo_runs_on_a_bare_python_without_third_party_packages(tmp_path):
         assert set("".join(table[1])) == {"-"} and len(table[1]) == len(table[0])
     assert tables["batch"][0] == ["batch_id", "status", "experiment_type", "n_total"]
     (batch,) = tables["batch"][2:]
-    assert re.fullmatch(r"demo-[0-9a-f]{12}", batch[0]) and batch[1:] == ["DONE", "demo", "2"]
+    assert re.fullmatch(r"demo-[0-9a-f]{16}", batch[0]) and batch[1:] == ["DONE", "demo", "2"]
     assert tables["jobs"][0] == ["job_id", "status", "epochs", "last train_loss", "last val_loss", "metrics"]
     linear, mlp = tables["jobs"][2:]
     assert linear == ["demo-linear", "DONE", "5", "0.2", "0.22", '{"MSE":0.2,"R2":0.91}']
-    assert mlp[:2] == ["demo-mlp", "DONE"] and 1 <= int(mlp[2]) < 50  # stopped early
+    assert mlp[:3] == ["demo-mlp", "DONE (stopped early)", "3"]  # Stop pressed after epoch 2
     assert tables["artifacts"][0] == ["job_id", "filename", "bytes"]
     assert [row[:2] for row in tables["artifacts"][2:]] == [["demo-linear", "loss.png"], ["(batch)", "loss.png"]]
     assert re.search(r"^events delivered: (\d+) \(stored by the collector: \1\); spilled: 0; stop honoured: yes$",
