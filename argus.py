@@ -70,6 +70,7 @@ _SOURCE_KEYS = ("project", "host", "user", "commit", "command")
 
 ARTIFACT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 ARTIFACT_MAX_BYTES = 50 * 1024 * 1024  # the server's per-file cap (413 above it)
+ARTIFACT_MAX_JOB_BYTES = 500 * 1024 * 1024  # the server's artifact quota per job
 
 DEFAULT_HEARTBEAT_S = 300.0
 DEFAULT_STOP_POLL_S = 10.0
@@ -5631,18 +5632,14 @@ integrations = _register_integrations()
 # way the real server does (spec/PROTOCOL.md) and keeps its state in one SQLite database.
 # It is not an Argus replacement: no web UI, no rate limits, no read-only tokens.
 
-_COLLECTOR_MAX_FILE_BYTES = 50 * 1024 * 1024  # per artifact file, as on the real server
-_COLLECTOR_MAX_JOB_BYTES = 500 * 1024 * 1024  # artifact quota per job, as on the real server
 _COLLECTOR_MAX_JSON_BYTES = 16 * 1024 * 1024  # larger ingest bodies are answered 413
 _COLLECTOR_FORM_OVERHEAD = 64 * 1024  # room in an upload body for part headers, label, meta
-_COLLECTOR_MAX_BATCH = 500  # events per /api/events/batch request
 _COLLECTOR_IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
 
 _COLLECTOR_EVENT_TYPES = frozenset(EVENT_TYPES + _SERVER_EXTRA_TYPES)
 _COLLECTOR_REQUIRED_KEYS = ("event_id", "schema_version", "event_type", "timestamp",
                             "batch_id", "source")
 _COLLECTOR_ENVELOPE_KEYS = frozenset(_COLLECTOR_REQUIRED_KEYS + ("job_id", "data"))
-_COLLECTOR_SOURCE_KEYS = frozenset(("project", "host", "user", "commit", "command"))
 _COLLECTOR_UUID = r"[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}"
 _COLLECTOR_TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)"
 
@@ -5745,7 +5742,7 @@ def _check_ingest_event(event: object) -> None:
     if not isinstance(source, dict) or "project" not in source:
         raise _CollectorError(422, "source must be an object with a project")
     bad = sorted(k for k, v in source.items()
-                 if k not in _COLLECTOR_SOURCE_KEYS or not isinstance(v, str))
+                 if k not in _SOURCE_KEYS or not isinstance(v, str))
     if bad:
         raise _CollectorError(422, f"source keys unknown or not strings: {', '.join(bad)}")
     if not isinstance(event.get("data", {}), dict):
@@ -5841,7 +5838,7 @@ def _collector_http_server(collector: _Collector, address: tuple):
             route = _collector_route(self.command, path)
             limit = _COLLECTOR_MAX_JSON_BYTES
             if path.endswith("/artifacts"):
-                limit = _COLLECTOR_MAX_FILE_BYTES + _COLLECTOR_FORM_OVERHEAD
+                limit = ARTIFACT_MAX_BYTES + _COLLECTOR_FORM_OVERHEAD
             try:
                 self.body = self._read_body(limit)  # first, so that keep-alive survives errors
                 if isinstance(route, _CollectorError):
@@ -6077,8 +6074,8 @@ class _Collector:
     def _post_event_batch(self, request) -> tuple:
         body = _collector_json(request.body)
         events = body.get("events") if isinstance(body, dict) else None
-        if not isinstance(events, list) or not 1 <= len(events) <= _COLLECTOR_MAX_BATCH:
-            raise _CollectorError(422, f"events must be a list of 1 to {_COLLECTOR_MAX_BATCH}")
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH_EVENTS:
+            raise _CollectorError(422, f"events must be a list of 1 to {MAX_BATCH_EVENTS}")
         for event in events:  # one bad event refuses the whole request, as upstream
             _check_ingest_event(event)
         results = []
@@ -6212,8 +6209,8 @@ class _Collector:
         filename, content = parts.get("file", (None, b""))
         if filename is None:
             raise _CollectorError(422, "a 'file' part with a filename is required")
-        if len(content) > _COLLECTOR_MAX_FILE_BYTES:
-            raise _CollectorError(413, f"file is over {_COLLECTOR_MAX_FILE_BYTES} bytes")
+        if len(content) > ARTIFACT_MAX_BYTES:
+            raise _CollectorError(413, f"file is over {ARTIFACT_MAX_BYTES} bytes")
         label = parts["label"][1].decode("utf-8", "replace") if "label" in parts else None
         meta = _collector_json(parts["meta"][1], "meta") if "meta" in parts else {}
         if not isinstance(meta, dict):
@@ -6223,8 +6220,8 @@ class _Collector:
                 used = self._db.execute(
                     "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE batch_id = ?"
                     " AND job_id = ?", (batch_id, job_id)).fetchone()[0]
-            if used + len(content) > _COLLECTOR_MAX_JOB_BYTES:
-                raise _CollectorError(413, f"job quota of {_COLLECTOR_MAX_JOB_BYTES} bytes used up")
+            if used + len(content) > ARTIFACT_MAX_JOB_BYTES:
+                raise _CollectorError(413, f"job quota of {ARTIFACT_MAX_JOB_BYTES} bytes used up")
         filename = _safe_name(filename, "file")
         folder = os.path.join(self.artifacts_dir, _safe_name(batch_id, "_"),
                               _safe_name(job_id, "_") if job_id else "_batch")
