@@ -459,7 +459,7 @@ def test_artifact_that_is_not_multipart_is_422(client):
 
 
 def test_artifact_over_the_file_cap_is_413_and_the_connection_lives(client, monkeypatch):
-    monkeypatch.setattr(argus, "_COLLECTOR_MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(argus, "ARTIFACT_MAX_BYTES", 1000)
     client.post("/api/events", make_event("job_start", job_id="j1"))
     assert upload(client, "/api/jobs/j1/artifacts", {"file": ("a", b"x" * 1000)})[0] == 201
     status, answer = upload(client, "/api/jobs/j1/artifacts", {"file": ("a", b"x" * 1001)})
@@ -472,7 +472,7 @@ def test_artifact_over_the_file_cap_is_413_and_the_connection_lives(client, monk
 
 
 def test_job_artifact_quota_is_413(client, monkeypatch):
-    monkeypatch.setattr(argus, "_COLLECTOR_MAX_JOB_BYTES", 1500)
+    monkeypatch.setattr(argus, "ARTIFACT_MAX_JOB_BYTES", 1500)
     client.post("/api/events", make_event("job_start", job_id="j1"))
     assert upload(client, "/api/jobs/j1/artifacts", {"file": ("a", b"x" * 1000)})[0] == 201
     assert upload(client, "/api/jobs/j1/artifacts", {"file": ("b", b"x" * 501)})[0] == 413
