@@ -1,0 +1,687 @@
+"""One lifecycle: signals during the exit drain, fork and multiprocessing children, shutdown
+entered twice, SIGTERM while ``auto_upload_dirs`` uploads, ``ARGUS_BATCH_ID`` with Reporters
+that overlap, and requests that must end by a deadline.
+
+Runs are real subprocesses against ``FakeArgus`` (every event it stores is validated). Each
+scenario prints one line (``pytest -s``) with the figures a user would count: emitted,
+delivered, on disk, lost, where lost = emitted - delivered - on disk, and it must be 0
+wherever the process was not SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import argus
+from conftest import ROOT, dead_letters
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes, signals and fork")
+
+PRELUDE = """
+import os, signal, sys, threading, time, warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+import argus
+QUIET = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
+
+
+def gate(name, timeout=60):
+    # tell the test this phase is done, then wait until the test says go
+    open(name + ".ready", "w").close()
+    end = time.time() + timeout
+    while not os.path.exists(name + ".go") and time.time() < end:
+        time.sleep(0.005)
+
+
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def start(code: str, env: dict, cwd, sigint: bool = False) -> subprocess.Popen:
+    """PRELUDE + code run as ``python train.py`` in ``cwd``; stdout and stderr go to files."""
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env["PYTHONDONTWRITEBYTECODE"] = "1"
+    cwd = Path(cwd)
+    out = open(cwd / "child.out", "w")
+    err = open(cwd / "child.err", "w")
+    script = cwd / "train.py"  # a script file, as users run them (and a short command line)
+    script.write_text(PRELUDE + code)
+    try:
+        return subprocess.Popen(
+            [sys.executable, str(script)],
+            env=full_env,
+            cwd=str(cwd),
+            stdout=out,
+            stderr=err,
+            # Ctrl-C must raise KeyboardInterrupt in the child even where this process
+            # inherited SIGINT ignored (a background job, nohup)
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint else None,
+        )
+    finally:
+        out.close()
+        err.close()
+
+
+def finish(proc: subprocess.Popen, cwd, timeout: float = 60) -> tuple:
+    """Wait for the child; return (returncode, stdout, stderr). A child that hangs is killed."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    cwd = Path(cwd)
+    return proc.returncode, (cwd / "child.out").read_text(), (cwd / "child.err").read_text()
+
+
+def run(code: str, env: dict, cwd, timeout: float = 60) -> tuple:
+    return finish(start(code, env, cwd), cwd, timeout)
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def on_disk(directory) -> dict:
+    """event_id -> event of every event waiting in a spill directory.
+
+    Tolerant: a file being written may end in half a line, and spill files may start with a
+    header line (``"argus_spill"``: destination and token fingerprint) that is not an event.
+    """
+    found = {}
+    for path in sorted(Path(directory).glob("*.jsonl*")):
+        if path.name.startswith(("deadletter", "pending-uploads")):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:  # renamed or replayed meanwhile
+            continue
+        for line in text.splitlines():
+            if not line.strip() or "argus_spill" in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and "event_id" in event:
+                found[event["event_id"]] = event
+    return found
+
+
+def everywhere(fake, directory) -> dict:
+    """event_id -> event, delivered or waiting on disk (dead letters count as kept, too)."""
+    found = on_disk(directory)
+    for letter in dead_letters(directory) if Path(directory).exists() else []:
+        if isinstance(letter.get("event"), dict):
+            found[letter["event"]["event_id"]] = letter["event"]
+    with fake.lock:
+        found.update(fake.events)
+    return found
+
+
+def epochs(events, job_id: str) -> list:
+    return sorted(
+        e["data"]["epoch"] for e in events.values() if e["event_type"] == "job_epoch" and e["job_id"] == job_id
+    )
+
+
+def of_type(events, event_type: str, batch_id=None) -> list:
+    return [
+        e
+        for e in events.values()
+        if e["event_type"] == event_type and (batch_id is None or e["batch_id"] == batch_id)
+    ]
+
+
+def line(name: str, **figures) -> None:
+    print("\n[%s] %s" % (name, " ".join("%s=%s" % kv for kv in figures.items())))
+
+
+def hold_artifacts(fake, monkeypatch, store: bool = True):
+    """Make the fake's artifact route wait for the returned ``release`` event.
+
+    Returns ``(arrived, release)``: ``arrived`` is set once an upload reached the server.
+    """
+    arrived, release = threading.Event(), threading.Event()
+    handler = fake.server.RequestHandlerClass
+    original = handler._artifact
+
+    def held(self, raw):
+        arrived.set()
+        release.wait(30)
+        if store:
+            return original(self, raw)
+        return self._answer(503, {"detail": "gone"})
+
+    monkeypatch.setattr(handler, "_artifact", held)
+    return arrived, release
+
+
+def write_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n fake image bytes")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# signals during the exit drain
+# ---------------------------------------------------------------------------------------
+
+DRAIN_THEN_SIGNAL = """
+with argus.Reporter(batch_id="drain-1", **QUIET) as r:
+    with r.job("train") as job:
+        for i in range(1000):
+            job.epoch(i)
+    # the signal lands while __exit__ drains the queue against a server that never answers
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.%s)).start()
+print("after the block", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_exit_drain_still_puts_the_whole_queue_on_disk(fake, spill_dir, tmp_path, signame):
+    """Issue 10: 1,004 events end on disk without the signal and 0 with it (close() marked
+    itself closed before draining, so the handler's close() returned at once)."""
+    fake.script = ["hang"] * 100  # reads each request, never answers
+    proc = start(DRAIN_THEN_SIGNAL % signame, {"ARGUS_URL": fake.url}, tmp_path, sigint=True)
+    rc, out, err = finish(proc, tmp_path)
+    events = everywhere(fake, spill_dir)
+    emitted = 1000 + 4  # batch_start, job_start, 1000 epochs, job_done, batch_done
+    kept = len(epochs(events, "train")) + sum(
+        1 for t in ("batch_start", "job_start", "job_done", "batch_done") if of_type(events, t, "drain-1")
+    )
+    line(signame + " during the exit drain", emitted=emitted, delivered=len(fake.events),
+         on_disk=len(on_disk(spill_dir)), lost=emitted - kept, rc=rc)
+    assert epochs(events, "train") == list(range(1000)), err[-2000:]
+    assert kept == emitted
+    if signame == "SIGTERM":
+        assert rc == -signal.SIGTERM  # the process still ends as SIGTERM ends it
+    assert "Traceback" not in err or "KeyboardInterrupt" in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# fork and multiprocessing
+# ---------------------------------------------------------------------------------------
+
+FORKED_CHILD_REPORTER = """
+with argus.Reporter(batch_id="parent-1", **QUIET) as r:
+    with r.job("parent-job") as job:
+        job.epoch(0)
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open("child-progress", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with argus.Reporter(batch_id="child-1", **QUIET) as c:
+                with c.job("child-job") as cjob:
+                    i = 0
+                    while True:
+                        cjob.epoch(i)
+                        os.write(fd, b"%d\\n" % i)
+                        i += 1
+                        time.sleep(0.005)
+            os._exit(0)
+        end = time.time() + 30
+        while time.time() < end:
+            try:
+                if len(open("child-progress").read().split()) >= 20:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print("child signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, flush=True)
+        job.epoch(1)
+"""
+
+
+def test_a_forked_child_with_its_own_reporter_handles_sigterm(fake, spill_dir, tmp_path):
+    """Issue 10: a forked child that opens its own Reporter ignored SIGTERM: its job and batch
+    stayed RUNNING and its queue was lost."""
+    rc, out, err = run(FORKED_CHILD_REPORTER, {"ARGUS_URL": fake.url}, tmp_path)
+    assert rc == 0, err[-2000:]
+    returned = [int(x) for x in (tmp_path / "child-progress").read_text().split()]
+    events = everywhere(fake, spill_dir)
+    got = epochs(events, "child-job")
+    failed = of_type(events, "batch_failed", "child-1") + of_type(events, "job_failed")
+    line("SIGTERM in a forked child's Reporter", emitted=len(returned), delivered_or_on_disk=len(got),
+         lost=len(set(returned) - set(got)), failed_events=len(failed))
+    assert [e["job_id"] for e in of_type(events, "job_failed")] == ["child-job"]
+    reasons = [e["data"].get("error") or e["data"].get("reason") for e in of_type(events, "batch_failed", "child-1")]
+    assert len(reasons) == 1 and "SIGTERM" in reasons[0]
+    assert not of_type(events, "batch_done", "child-1")
+    assert "child signal %d" % signal.SIGTERM in out  # it still ends as SIGTERM ends a process
+    assert set(returned) <= set(got)  # every epoch the child's calls returned for is kept
+    # the parent's batch is untouched and ends normally
+    assert len(of_type(events, "batch_done", "parent-1")) == 1 and not of_type(events, "batch_failed", "parent-1")
+    assert epochs(events, "parent-job") == [0, 1]
+
+
+MULTIPROCESSING_CHILDREN = """
+import multiprocessing
+
+
+def work(k):
+    for i in range(20):
+        argus.emit("job_epoch", job_id="worker-%d" % k, epoch=i)
+    # returns: multiprocessing ends the child with os._exit(), no atexit, no flush by hand
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("fork")
+    with argus.Reporter(batch_id="mp-1", **QUIET) as r:
+        procs = [ctx.Process(target=work, args=(k,)) for k in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        print("exitcodes", [p.exitcode for p in procs], flush=True)
+"""
+
+
+def test_multiprocessing_fork_children_deliver_what_they_emit(fake, spill_dir, tmp_path):
+    """Issue 10: 0 of 80 events of multiprocessing children were stored, 0 spilled."""
+    rc, out, err = run(MULTIPROCESSING_CHILDREN, {"ARGUS_URL": fake.url}, tmp_path)
+    assert rc == 0, err[-2000:]
+    assert "exitcodes [0, 0, 0, 0]" in out, out + err[-2000:]
+    events = everywhere(fake, spill_dir)
+    kept = sum(len(epochs(events, "worker-%d" % k)) for k in range(4))
+    line("multiprocessing children", emitted=80, delivered=sum(
+        1 for e in fake.events.values() if (e.get("job_id") or "").startswith("worker-")),
+        on_disk=len(on_disk(spill_dir)), lost=80 - kept)
+    for k in range(4):
+        assert epochs(events, "worker-%d" % k) == list(range(20)), "worker-%d" % k
+    assert len(of_type(events, "batch_start", "mp-1")) == 1 and len(of_type(events, "batch_done", "mp-1")) == 1
+
+
+# The worker's first import on its own thread is slowed down, and that import brings in
+# `logging` (as `requests` does through urllib3): logging registers its at-fork hooks then. A
+# fork that waits for the worker's imports lets logging register them while the fork's
+# "before" hooks are running, and the parent prints "cannot release un-acquired lock".
+SLOW_FIRST_WORKER_IMPORT = """
+import importlib.abc
+
+fired = threading.Event()
+
+
+class SlowFirstImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if fired.is_set() or threading.current_thread() is threading.main_thread():
+            return None
+        fired.set()
+        time.sleep(0.3)
+        import logging  # noqa: F401
+        return None
+
+
+assert "logging" not in sys.modules
+sys.meta_path.insert(0, SlowFirstImport())
+with argus.Reporter(batch_id="fork-imports-1", **QUIET) as r:
+    with r.job("parent") as job:
+        job.epoch(0)
+        fired.wait(1.0)  # (a worker that imports nothing on its thread is fine too)
+        pid = os.fork()
+        if pid == 0:
+            r.emit("job_epoch", job_id="child", epoch=0)
+            os._exit(0 if r.flush(10) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child status", os.WEXITSTATUS(status), flush=True)
+"""
+
+
+def test_a_fork_while_the_worker_imports_prints_no_lock_error_and_both_sides_deliver(fake, spill_dir, tmp_path):
+    """Issue 10: _before_fork waited while the worker imported, and logging's at-fork hook
+    then printed `cannot release un-acquired lock` (5 of 5 runs)."""
+    rc, out, err = run(SLOW_FIRST_WORKER_IMPORT, {"ARGUS_URL": fake.url}, tmp_path)
+    events = everywhere(fake, spill_dir)
+    line("fork during worker imports", emitted=6, delivered=len(fake.events),
+         lock_errors=err.count("un-acquired lock"))
+    assert rc == 0, err[-2000:]
+    assert "cannot release un-acquired lock" not in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "child status 0" in out, out + err[-2000:]
+    assert epochs(events, "child") == [0] and epochs(events, "parent") == [0]
+    assert len(fake.events) == 6  # batch_start, job_start, 2 epochs, job_done, batch_done
+
+
+# ---------------------------------------------------------------------------------------
+# shutdown entered twice, and the program's handlers afterwards
+# ---------------------------------------------------------------------------------------
+
+
+def _inside(thread: threading.Thread, function: str) -> bool:
+    """True while ``thread`` runs ``function`` of the argus module (seen from its stack)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__") == "argus":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_second_close_while_the_first_drains_waits_for_it_instead_of_skipping_it(fake, spill_dir):
+    """Issue 10: shutdown marked itself done before the work it guards; a second entry
+    returned at once, with the queue still in memory."""
+    fake.script = ["hang"] * 10
+    sender = argus.ExperimentReporter(fake.url, "idem", batch_id="idem-1")
+    for i in range(100):
+        sender.job_epoch("train", i)
+    first = threading.Thread(target=sender.close, args=(1.5,), name="first-close")
+    first.start()
+    try:
+        assert wait_until(lambda: _inside(first, "close") or not first.is_alive(), 10)
+        sender.close(10.0)  # a second entry: SIGTERM, atexit or the program itself
+        # counted the moment the second close returned
+        events, waiting, delivered = everywhere(fake, spill_dir), len(on_disk(spill_dir)), len(fake.events)
+    finally:
+        first.join(15)
+    line("close() entered twice", emitted=100, delivered=delivered, on_disk=waiting,
+         lost=100 - len(epochs(events, "train")))
+    assert epochs(events, "train") == list(range(100))
+
+
+def test_the_programs_signal_handlers_are_back_once_the_block_ends(fake, spill_dir):
+    """SIGTERM (and SIGINT, if the SDK handles it) are the program's own again after the
+    Reporter block; a later SIGTERM is the program's business alone."""
+
+    def own_term(signum, frame):  # pragma: no cover - never called
+        pass
+
+    before_int = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, own_term)
+    try:
+        with argus.Reporter(monitor_url=fake.url, heartbeat=False, stop_polling=False, resource_snapshot=False):
+            during = signal.getsignal(signal.SIGTERM)
+        after_term = signal.getsignal(signal.SIGTERM)
+        after_int = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, before_int)
+    assert during is not own_term  # the SDK's handler sat in front while the batch ran
+    assert after_term is own_term
+    assert after_int is before_int
+    assert len(fake.events) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# auto_upload_dirs
+# ---------------------------------------------------------------------------------------
+
+AUTO_UPLOAD = """
+with argus.Reporter(batch_id="auto-1", auto_upload_dirs=["plots"], **QUIET) as r:
+    with r.job("train") as job:
+        for i in range(10):
+            job.epoch(i)
+print("after the block", flush=True)
+"""
+
+
+def test_sigterm_while_auto_upload_dirs_uploads_still_ends_the_batch(fake, spill_dir, tmp_path, monkeypatch):
+    """Issue 10: SIGTERM during auto_upload_dirs ended the batch with neither batch_done nor
+    batch_failed: the job shows DONE and the batch RUNNING forever."""
+    write_png(tmp_path / "plots" / "loss.png")
+    arrived, release = hold_artifacts(fake, monkeypatch)
+    proc = start(AUTO_UPLOAD, {"ARGUS_URL": fake.url}, tmp_path)
+    try:
+        assert arrived.wait(30), (tmp_path / "child.err").read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        rc, out, err = finish(proc, tmp_path)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    events = everywhere(fake, spill_dir)
+    ends = of_type(events, "batch_done", "auto-1") + of_type(events, "batch_failed", "auto-1")
+    line("SIGTERM during auto_upload_dirs", emitted=14, delivered=len(fake.events),
+         on_disk=len(on_disk(spill_dir)), batch_ends=len(ends), rc=rc)
+    assert rc == -signal.SIGTERM
+    assert epochs(events, "train") == list(range(10))
+    assert len(of_type(events, "job_done")) == 1
+    assert [e["event_type"] for e in ends] in (["batch_done"], ["batch_failed"]), ends
+
+
+BYTES_AUTO_UPLOAD = """
+with argus.Reporter(batch_id="bytes-1", auto_upload_dirs=os.fsencode("plots"), **QUIET) as r:
+    pass
+print("after the block", flush=True)
+"""
+
+
+def test_auto_upload_dirs_given_as_bytes_uploads_and_raises_nothing(fake, spill_dir, tmp_path):
+    """Issue 10: `auto_upload_dirs=b"..."` raised out of __exit__ (a bytes path is a path)."""
+    write_png(tmp_path / "plots" / "loss.png")
+    rc, out, err = run(BYTES_AUTO_UPLOAD, {"ARGUS_URL": fake.url}, tmp_path)
+    line("auto_upload_dirs=b'plots'", rc=rc, events=len(fake.events), artifacts=len(fake.artifacts))
+    assert rc == 0 and "after the block" in out, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert [e["event_type"] for e in fake.events.values()] == ["batch_start", "batch_done"]
+    assert [(a["kind"], a["id"], a["filename"]) for a in fake.artifacts] == [("batches", "bytes-1", "loss.png")]
+
+
+# ---------------------------------------------------------------------------------------
+# ARGUS_BATCH_ID and other threads
+# ---------------------------------------------------------------------------------------
+
+OVERLAPPING = """
+def show(step):
+    print(step, os.environ.get("ARGUS_BATCH_ID"), argus.get_batch_id(), flush=True)
+
+
+a = argus.Reporter(batch_id="env-a", **QUIET)
+b = argus.Reporter(batch_id="env-b", **QUIET)
+a.__enter__()
+show("a-open")
+b.__enter__()
+show("both-open")
+a.__exit__(None, None, None)  # not the innermost one first: a sweep's workers end in any order
+show("b-open")
+b.__exit__(None, None, None)
+show("none-open")
+argus.emit("log_line", job_id="late", line="after both batches ended")
+"""
+
+
+def test_argus_batch_id_names_the_innermost_open_batch_and_is_cleared_after_the_last(fake, spill_dir, tmp_path):
+    """Issue 10: after two overlapping Reporters closed, ARGUS_BATCH_ID named a finished
+    batch, and `emit` landed there."""
+    rc, out, err = run(OVERLAPPING, {"ARGUS_URL": fake.url}, tmp_path)
+    assert rc == 0, err[-2000:]
+    steps = dict((ln.split(" ", 1)[0], ln.split(" ", 1)[1]) for ln in out.splitlines())
+    late = [e for e in fake.events.values() if e["event_type"] == "log_line"]
+    line("overlapping Reporters", steps=json.dumps(steps), late_events=len(late))
+    assert steps == {
+        "a-open": "env-a env-a",
+        "both-open": "env-b env-b",
+        "b-open": "env-b env-b",  # a closed; b is still open: children must land in b
+        "none-open": "None None",
+    }
+    assert late == []  # nothing lands in a batch that ended
+    assert sorted(e["event_type"] for e in fake.events.values()) == ["batch_done"] * 2 + ["batch_start"] * 2
+
+
+POLLER_AND_CHURN = """
+sys.setswitchinterval(1e-6)  # threads interleave at every few bytecodes: races show at once
+done = threading.Event()
+
+
+def churn():
+    # a program thread that sets and removes environment variables, as overlapping
+    # Reporters do with ARGUS_BATCH_ID (and launchers with CUDA_VISIBLE_DEVICES)
+    while not done.is_set():
+        os.environ["TRAIN_PHASE"] = "warmup"
+        del os.environ["TRAIN_PHASE"]
+
+
+with argus.Reporter(batch_id="poll-1", heartbeat=False, resource_snapshot=False, stop_polling=0.02) as r:
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    time.sleep(2.0)  # two seconds of the program's warm-up, polled every 20 ms meanwhile
+    done.set()
+    churner.join()
+    gate("warmed-up", 20)  # the user presses Stop now
+    end = time.time() + 10
+    while not r.stopped and time.time() < end:
+        time.sleep(0.01)
+    print("stopped", r.stopped, flush=True)
+"""
+
+
+def test_the_stop_poller_survives_a_program_that_changes_the_environment(fake, spill_dir, tmp_path):
+    """Issue 10: the stop poller died of a KeyError raised while another thread removed an
+    environment variable (`requests` reads os.environ on every request), and Stop never
+    fired for the rest of the run."""
+    fake.stop = False
+    env = {"ARGUS_URL": fake.url}
+    env.update(("CLUSTER_SETTING_%03d" % i, "x" * 40) for i in range(300))  # an HPC-sized environment
+    proc = start(POLLER_AND_CHURN, env, tmp_path)
+    try:
+        assert wait_until(lambda: (tmp_path / "warmed-up.ready").exists(), 30)
+        during = sum(1 for m, path, n in list(fake.requests) if m == "GET")
+        fake.stop = True  # the user presses Stop
+        (tmp_path / "warmed-up.go").touch()
+        rc, out, err = finish(proc, tmp_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    line("stop poller vs environment churn", polls_answered_during_churn=during, rc=rc, out=out.strip())
+    assert rc == 0, err[-2000:]
+    assert "stopped True" in out, err[-2000:]
+    assert "stop poller stopped" not in err
+
+
+# ---------------------------------------------------------------------------------------
+# every request has a deadline
+# ---------------------------------------------------------------------------------------
+
+
+class Slowloris:
+    """Reads a request, then answers one header byte every 0.2 s, forever."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.accepted = 0
+        self.open = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        try:
+            conn.settimeout(0.2)
+            try:
+                conn.recv(65536)
+            except socket.timeout:
+                pass
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not self.stop.is_set():
+                conn.sendall(b"X")
+                try:  # a client that closed its end shows as EOF here
+                    if conn.recv(65536) == b"":
+                        break
+                except socket.timeout:
+                    pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def slowloris():
+    server = Slowloris()
+    yield server
+    server.close()
+
+
+SENDERS_AGAINST_SLOWLORIS = """
+for k in range(5):
+    sender = argus.ExperimentReporter(os.environ["SLOW_URL"], "slow", timeout=1.0, batch_id="slow-%d" % k)
+    sender.job_epoch("train", 0)
+    sender.close(0.5)
+
+
+def alive():
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    sockets = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sockets += os.readlink("/proc/self/fd/" + fd).startswith("socket:")
+        except OSError:
+            pass
+    return threads, sockets
+
+
+end = time.time() + 6  # 1 s per request, plus a generous margin for a loaded machine
+while time.time() < end and any(alive()):
+    time.sleep(0.05)
+threads, sockets = alive()
+print("threads", len(threads), "sockets", sockets, threads, flush=True)
+"""
+
+
+def test_events_in_flight_when_close_gives_up_on_the_server_are_kept_on_disk(slowloris, spill_dir):
+    """close() stops waiting for a server that trickles its answer: the events of the
+    request in flight were never acknowledged, so they are on disk when close() returns."""
+    sender = argus.ExperimentReporter(slowloris.url, "inflight", batch_id="inflight-1")
+    for i in range(10):
+        sender.job_epoch("train", i)
+    assert wait_until(lambda: slowloris.accepted >= 1, 10)  # the request is on its way
+    sender.close(0.5)
+    kept = on_disk(spill_dir)  # counted the moment close() returned
+    line("in flight at close", emitted=10, delivered=0, on_disk=len(kept), lost=10 - len(kept))
+    assert epochs(kept, "train") == list(range(10))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts sockets in /proc")
+def test_a_slowloris_server_leaves_no_thread_or_socket_behind_after_the_deadline(slowloris, spill_dir, tmp_path):
+    """Issue 10: no request had an overall deadline; a server trickling its answer left 7-9
+    worker threads and sockets alive after 10 Reporters."""
+    rc, out, err = run(SENDERS_AGAINST_SLOWLORIS, {"SLOW_URL": slowloris.url}, tmp_path)
+    assert rc == 0, err[-2000:]
+    threads = int(out.split("threads ")[1].split()[0])
+    sockets = int(out.split("sockets ")[1].split()[0])
+    events = on_disk(spill_dir)
+    line("5 senders vs slowloris", threads_alive=threads, sockets_open=sockets,
+         connections=slowloris.accepted, emitted=5, on_disk=len(events))
+    assert (threads, sockets) == (0, 0), out
+    assert len(events) == 5  # what the trickling server never acknowledged is kept
