@@ -692,6 +692,7 @@ _PENDING_UPLOADS = "pending-uploads.jsonl"
 
 
 _spill_counts = {}  # directory -> [spilled, refused] by this process's senders: the exit summary
+_left_behind = {}  # directory -> [events this process's closed senders left on disk, events lost]
 _destinations = {}  # directory -> (url, token) of a sender that spilled there: the exit hand-off
 _server_rate = {"events_per_s": None}  # the server's measured ingest speed, for the exit line
 
@@ -1839,7 +1840,7 @@ class ExperimentReporter:
         # Durable: the event reaches the kernel before the call returns; memory only sends it.
         pair = self._encode(record)
         with self._lock:
-            on_disk = self.spill.append([pair[1]], rotate=False) == 1
+            on_disk = self.spill.append([pair[1]], rotate=self._offline) == 1
             if len(self._queue) < self._qmax:
                 self._queue.append((pair[0], pair[1], on_disk))
             elif on_disk:
@@ -2147,6 +2148,10 @@ class ExperimentReporter:
                 self.spill.discard_open()  # every event in the journal was acknowledged
             else:
                 self.spill.rotate()
+            if self.spill.summarise:
+                left = _left_behind.setdefault(self.spill.directory, [0, 0])
+                left[0] += self._own_events_on_disk()
+                left[1] += self.lost
             self._slow = True
             self._state = _CLOSED
             self._closed_evt.set()
@@ -2170,6 +2175,15 @@ class ExperimentReporter:
             else:
                 claim.rewrite(kept)
         self._acked.clear()
+
+    def _own_events_on_disk(self) -> int:
+        total = 0
+        for name in list(self.spill.own):
+            for suffix in (_SPILL_SUFFIX, _OPEN_SUFFIX):
+                path = os.path.join(self.spill.directory, name + suffix)
+                if os.path.exists(path):
+                    total += _file_events(path)[0]
+        return total
 
     def _count_queued(self) -> int:
         count = len([i for i in self._queue if type(i) is tuple])
@@ -2890,6 +2904,7 @@ class ExperimentReporter:
                 "recorded_at": _format_ts(_now()),
                 "why": why,
                 "url": self.url,
+                "token": _fingerprint(self._token),
             }
         )
 
@@ -3012,7 +3027,7 @@ class ExperimentReporter:
 
 def _line_id(line: str) -> str:
     """The event_id of an encoded event (the envelope starts with it)."""
-    return line[14:50] if line.startswith('{"event_id":"') else ""
+    return line[13:49] if line.startswith('{"event_id":"') else ""
 
 
 def _same_url(a: str | None, b: str | None) -> bool:
@@ -4557,6 +4572,7 @@ def _after_fork_in_child() -> None:
     global _state_lock
     _state_lock = threading.Lock()
     _spill_counts.clear()  # the parent sums up its own spills
+    _left_behind.clear()
     if _rng is not None:
         _rng.seed()  # the child must not draw the parent's event ids
     if _imports["requests"] == "importing":
@@ -4660,10 +4676,15 @@ def _at_exit() -> None:
     """Bounded flush of every open sender for code that never closed its Reporter; then one
     line per spill directory that this run left events in, with what to do about them."""
     _shutdown(None)
-    for directory, (spilled, dropped) in list(_spill_counts.items()):
+    for directory in sorted(set(_spill_counts) | set(_left_behind)):
+        spilled, dropped = _spill_counts.get(directory, (0, 0))
+        left, lost = _left_behind.get(directory, (0, 0))
+        dropped += lost
+        if not left and not dropped:
+            continue  # everything written there was delivered in the end (or durable journals)
         waiting = SpillStore(directory).backlog()["events"]
         message = "argus: %d event(s) could not be delivered during this run and were saved to %s" % (
-            spilled,
+            left,
             directory,
         )
         if waiting:
@@ -5560,7 +5581,7 @@ def _build_hydra_callback():
             else:
                 _send_traceback(sender, job_id, exc)
                 sender.job_failed(job_id, reason=_reason(type(exc), exc), elapsed_s=elapsed)
-            sender.close(DRAIN_S)
+            sender.close(_drain_s())
 
     return ArgusCallback
 
@@ -6347,8 +6368,11 @@ def _sync_uploads(sender: ExperimentReporter) -> tuple:
                                  "/api/batches/" in entry["route"])
             except (KeyError, TypeError, AttributeError):
                 upload = None
-            if upload is not None and entry.get("url") and not _same_url(entry["url"], sender.url):
-                keep.append(entry)  # for another server: its own sync sends it
+            if upload is not None and (
+                (entry.get("url") and not _same_url(entry["url"], sender.url))
+                or (entry.get("token") and entry["token"] != _fingerprint(sender._token))
+            ):
+                keep.append(entry)  # for another server or token: its own sync sends it
             elif upload is not None and not os.path.exists(upload.path):
                 print("argus sync: %s no longer exists; upload dropped" % upload.path, file=sys.stderr)
             elif upload is not None:
@@ -6446,7 +6470,12 @@ def _sync_loop(sender: ExperimentReporter, args, progress: bool, match) -> dict:
                 break
             if args.until_empty:
                 backlog = store.backlog()
-                if backlog["events"] == 0 and backlog["pending_uploads"] == 0:
+                mine = sum(
+                    count
+                    for destination, count in backlog["destinations"].items()
+                    if match is None or destination == "(any)" or _same_url(destination, sender.url)
+                )
+                if mine == 0 and backlog["pending_uploads"] == 0:
                     break
             delay = args.watch if not result["unsent"] else min(delay * 2, args.watch * 16)
             time.sleep(delay)
@@ -6457,28 +6486,40 @@ def _sync_loop(sender: ExperimentReporter, args, progress: bool, match) -> dict:
 
 def _sync_each_destination(args) -> int:
     """No server configured: every spill file goes to the server it was written for. The
-    token is sent there only if it is the one the file was written under (its fingerprint)."""
+    token goes to a server only if a file for that server was written under it (the same
+    fingerprint); files written under another token are left alone."""
     store = SpillStore(args.dir)
     token = _resolve_token(args.token)[0]
-    destinations = sorted(d for d in store.backlog()["destinations"] if d != "(any)")
-    if not destinations:
+    fingerprint = _fingerprint(token)
+    tokens = {}  # destination URL -> token fingerprints its files were written under
+    for _mtime, _name, path, _size in store._candidates():
+        try:
+            with open(path, "rb") as f:
+                header = _header(f.readline().decode("utf-8", "replace").strip())
+        except OSError:
+            continue
+        if header is not None and header.get("url"):
+            tokens.setdefault(header["url"], set()).add(header.get("token"))
+    if not tokens:
         print("argus: no server URL: pass --url or set %s" % ENV_URL, file=sys.stderr)
         return 2
-    fingerprint = _fingerprint(token)
     progress = sys.stderr.isatty()
     sent = uploads = 0
-    for url in destinations:
-        sender = _cli_sender(url, token, args.dir)
+    for url in sorted(tokens):
+        use = token if fingerprint and fingerprint in tokens[url] else None
+        sender = _cli_sender(url, use, args.dir)
         if sender is None:
             continue
 
-        def ours(claim, url=url):
+        use_fp = _fingerprint(use)
+
+        def ours(claim, url=url, use_fp=use_fp):
             if not _same_url(claim.destination, url):
                 return False
-            if claim.token_fp and claim.token_fp != fingerprint:
+            if claim.token_fp and claim.token_fp != use_fp:
                 print(
-                    "argus sync: %s was written under another token (%s) than the one given; "
-                    "left alone" % (claim.path, claim.token_fp),
+                    "argus sync: %s was written under another token (%s); left alone. Run "
+                    "`argus sync` with that token." % (claim.path, claim.token_fp),
                     file=sys.stderr,
                 )
                 return False

@@ -81,6 +81,7 @@ def isolated_env(tmp_path, monkeypatch):
     import argus
 
     argus._spill_counts.clear()  # spills of in-process tests: no exit summary after pytest's
+    argus._left_behind.clear()
 
 
 @pytest.fixture
