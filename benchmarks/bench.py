@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,26 +127,40 @@ class Harness:
     def sandbox(self) -> Sandbox:
         return Sandbox(self.tmp_root, self.pycache)
 
-    def run_client(self, client: Client, sandbox: Sandbox, args: List[str]) -> Dict[str, Any]:
-        """Run bench_client.py under the client's interpreter; its result, or an error."""
+    def run_client(self, client: Client, sandbox: Sandbox, args: List[str],
+                   extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Run bench_client.py under the client's interpreter; its result, or an error.
+
+        The result also carries ``process_cpu_s``: the CPU time of the whole client
+        process (start-up, import and exit included) and of any child it waited for,
+        from this process's RUSAGE_CHILDREN. The stand-in server is a child too, but it
+        is only waited for after its clients, so it is not counted here.
+        """
         cmd = [client.python, str(CLIENT_SCRIPT)] + args
         stderr_path = sandbox.root / "stderr.txt"
+        env = sandbox.env(client)
+        env.update(extra_env or {})
         started = time.perf_counter()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             with stderr_path.open("w") as stderr:
                 proc = subprocess.run(
-                    cmd, cwd=str(sandbox.cwd), env=sandbox.env(client),
+                    cmd, cwd=str(sandbox.cwd), env=env,
                     stdout=subprocess.PIPE, stderr=stderr,
                     universal_newlines=True, timeout=self.timeout_s,
                 )
         except subprocess.TimeoutExpired:
             return {"error": "timed out after %.0f s" % self.timeout_s}
         wall_s = time.perf_counter() - started
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process_cpu_s = (children_after.ru_utime - children_before.ru_utime
+                         + children_after.ru_stime - children_before.ru_stime)
         stderr_text = stderr_path.read_text(errors="replace")
         for line in proc.stdout.splitlines():
             if line.startswith(RESULT_MARKER):
                 result = json.loads(line[len(RESULT_MARKER):])
                 result["process_wall_s"] = wall_s
+                result["process_cpu_s"] = process_cpu_s
                 result["stderr_lines"] = len(stderr_text.splitlines())
                 result["stderr_head"] = stderr_text.splitlines()[:3]
                 return result
@@ -259,12 +274,92 @@ def bench_daemons(harness: Harness, client: Client) -> Dict[str, Any]:
     return figures
 
 
+def _cpu_run(harness: Harness, client: Client, events: int,
+             extra_env: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    """One `cpu` client process against a fresh stand-in server."""
+    sandbox = harness.sandbox()
+    with argus_server() as (url, stats):
+        result = harness.run_client(
+            client, sandbox, harness.client_args("cpu", url, "--events", str(events)), extra_env)
+        server = stats() if "error" not in result else None
+    if server is not None:
+        result["delivered"] = server["unique_by_type"].get("job_epoch", 0)
+        result["lifecycle_delivered"] = sum(
+            server["unique_by_type"].get(t, 0) for t in _LIFECYCLE_EVENTS)
+    return result
+
+
+def bench_cpu(harness: Harness, client: Client, events: int, reps: int, prefix: str,
+              extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """CPU per event, all threads: (CPU of a run with epochs - CPU of an empty run) / events.
+
+    Each run is its own process, timed from `Reporter(...)` to the outer `with` returning
+    (bench_client.py's `cpu` mode), so the worker's encoding and sending and the exit
+    drain count, and `import argus` does not. `reps` full runs and `reps` empty runs
+    alternate (full first in even reps); the figure uses the median of each. The same
+    difference from the parent's view of the whole process (start-up, import and exit
+    handlers included) is reported beside it as a check.
+    """
+    runs: Dict[int, List[Dict[str, Any]]] = {events: [], 0: []}
+    for rep in range(reps):
+        for n in ((events, 0) if rep % 2 == 0 else (0, events)):
+            result = _cpu_run(harness, client, n, extra_env)
+            if "error" in result:
+                return {prefix + "error": result["error"]}
+            runs[n].append(result)
+
+    def median(n: int, key: Callable[[Dict[str, Any]], float]) -> float:
+        return statistics.median(key(r) for r in runs[n])
+
+    def per_event_us(key: Callable[[Dict[str, Any]], float]) -> float:
+        return (median(events, key) - median(0, key)) / events * 1e6
+
+    in_run = lambda r: r["cpu_user_s"] + r["cpu_system_s"]  # noqa: E731
+    full = runs[events]
+    return {prefix + k: v for k, v in {
+        "per_event_us": per_event_us(in_run),
+        "user_per_event_us": per_event_us(lambda r: r["cpu_user_s"]),
+        "system_per_event_us": per_event_us(lambda r: r["cpu_system_s"]),
+        "process_per_event_us": per_event_us(lambda r: r["process_cpu_s"]),
+        "full_run_ms": median(events, in_run) * 1e3,
+        "empty_run_ms": median(0, in_run) * 1e3,
+        "full_runs_ms": [round(in_run(r) * 1e3, 1) for r in full],
+        "empty_runs_ms": [round(in_run(r) * 1e3, 1) for r in runs[0]],
+        "delivered_min": min(r["delivered"] for r in full),
+        "lifecycle_min": min(r["lifecycle_delivered"] for r in full + runs[0]),
+        "durable_active": sorted({str(r.get("durable_active")) for r in full}),
+        "reps": reps,
+    }.items()}
+
+
+def bench_durable_epoch(harness: Harness, client: Client, calls: int,
+                        rounds: int) -> Dict[str, Any]:
+    """job.epoch with durable mode off and on, interleaved in one process."""
+    sandbox = harness.sandbox()
+    with argus_server() as (url, _stats):
+        result = harness.run_client(client, sandbox, harness.client_args(
+            "durable-epoch", url, "--calls", str(calls), "--rounds", str(rounds)))
+    if "error" in result:
+        return {"durable_error": result["error"]}
+    if not result["durable_supported"]:
+        return {"durable_supported": False}
+    figures: Dict[str, Any] = {"durable_supported": True, "durable_calls": result["calls_each"],
+                               "durable_rounds": rounds}
+    for stat in ("p50", "p90", "p99", "amortised"):
+        off, on = result["off_%s_ns" % stat] / 1e3, result["on_%s_ns" % stat] / 1e3
+        figures.update({"durable_off_%s_us" % stat: off, "durable_on_%s_us" % stat: on,
+                        "durable_delta_%s_us" % stat: on - off})
+    figures["durable_modes_seen"] = {"off": result["off_active"], "on": result["on_active"]}
+    return figures
+
+
 def bench_burst(harness: Harness, client: Client, events: int, slow_ms: float,
-                prefix: str) -> Dict[str, Any]:
+                prefix: str, extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     sandbox = harness.sandbox()
     with argus_server(slow_ms) as (url, stats):
         result = harness.run_client(
-            client, sandbox, harness.client_args("burst", url, "--events", str(events)))
+            client, sandbox, harness.client_args("burst", url, "--events", str(events)),
+            extra_env)
         server = stats()
     if "error" in result:
         return {prefix + "error": result["error"]}
@@ -322,6 +417,19 @@ def measure(harness: Harness, client: Client, opts: argparse.Namespace) -> Dict[
     figures.update(bench_daemons(harness, client))
     log("burst of %d" % opts.events)
     figures.update(bench_burst(harness, client, opts.events, 0.0, "burst_"))
+    log("CPU per event: %d runs of %d epochs, %d empty runs" % (opts.cpu_reps, opts.events,
+                                                               opts.cpu_reps))
+    figures.update(bench_cpu(harness, client, opts.events, opts.cpu_reps, "cpu_"))
+    if opts.durable:
+        log("durable mode: epoch() off and on")
+        figures.update(bench_durable_epoch(harness, client, opts.events, opts.durable_rounds))
+        if figures.get("durable_supported"):
+            durable_env = {"ARGUS_DURABLE": "1"}
+            log("durable mode: burst of %d" % opts.events)
+            figures.update(bench_burst(harness, client, opts.events, 0.0, "dburst_", durable_env))
+            log("durable mode: CPU per event")
+            figures.update(bench_cpu(harness, client, opts.events, opts.cpu_reps, "dcpu_",
+                                     durable_env))
     if opts.slow_ms > 0:
         log("burst of %d against a %g ms server" % (opts.slow_events, opts.slow_ms))
         figures.update(bench_burst(harness, client, opts.slow_events, opts.slow_ms, "slow_"))
@@ -339,6 +447,32 @@ _ROWS = [
     ("sample_p50_ms", "resource sample, no GPU (ms, p50)", "<= 5", "{:.2f}"),
     ("sample_fields", "  fields in a sample", "", "{:.0f}"),
     ("daemons_exit_ms", "exit with all 3 daemons on (ms)", "", "{:.1f}"),
+    ("cpu_per_event_us", "CPU per event, all threads (us)", "<= 6", "{:.2f}"),
+    ("cpu_user_per_event_us", "  of which user (us)", "", "{:.2f}"),
+    ("cpu_system_per_event_us", "  of which system (us)", "", "{:.2f}"),
+    ("cpu_process_per_event_us", "  whole process, parent's view (us)", "", "{:.2f}"),
+    ("cpu_full_run_ms", "  CPU of a run with the epochs (ms)", "", "{:.0f}"),
+    ("cpu_empty_run_ms", "  CPU of an empty run (ms)", "", "{:.0f}"),
+    ("cpu_delivered_min", "  epochs delivered in those runs (min)", "all", "{:,.0f}"),
+]
+_DURABLE_ROWS = [
+    ("durable_off_p50_us", "durable: job.epoch p50, off (us)", "", "{:.2f}"),
+    ("durable_on_p50_us", "durable: job.epoch p50, on (us)", "", "{:.2f}"),
+    ("durable_delta_p50_us", "durable: p50 on - off (us)", "<= 3", "{:.2f}"),
+    ("durable_off_p99_us", "durable: job.epoch p99, off (us)", "", "{:.2f}"),
+    ("durable_on_p99_us", "durable: job.epoch p99, on (us)", "", "{:.2f}"),
+    ("durable_delta_p99_us", "durable: p99 on - off (us)", "", "{:.2f}"),
+    ("durable_off_amortised_us", "durable: amortised, off (us)", "", "{:.2f}"),
+    ("durable_on_amortised_us", "durable: amortised, on (us)", "", "{:.2f}"),
+    ("dburst_delivered", "durable burst: unique delivered", "all", "{:,.0f}"),
+    ("dburst_lost", "durable burst: lost", "0", "{:,.0f}"),
+    ("dburst_lifecycle_delivered", "durable burst: start+done delivered", "4", "{:.0f}"),
+    ("dburst_spilled", "durable burst: left on disk", "", "{:,.0f}"),
+    ("dburst_spilled_also_delivered", "  of which also delivered", "", "{:,.0f}"),
+    ("dburst_events_per_s", "durable burst: events/s end to end", "", "{:,.0f}"),
+    ("dburst_exit_latency_ms", "durable burst: exit after last ack (ms)", "<= 50", "{:.1f}"),
+    ("dburst_stderr_lines", "durable burst: stderr lines", "", "{:,.0f}"),
+    ("dcpu_per_event_us", "durable: CPU per event, all threads (us)", "", "{:.2f}"),
 ]
 _BURST_ROWS = [
     ("emitted", "events emitted", "", "{:,.0f}"),
@@ -363,6 +497,8 @@ def _report_rows(opts: argparse.Namespace) -> List[Tuple[str, str, str, str]]:
     rows = list(_ROWS)
     rows += [("burst_" + k, "burst: " + label, target, fmt)
              for k, label, target, fmt in _BURST_ROWS]
+    if opts.durable:
+        rows += _DURABLE_ROWS
     if opts.slow_ms > 0:
         rows += [("slow_" + k, "slow %g ms: %s" % (opts.slow_ms, label),
                   "" if k == "events_per_s" else target, fmt)
@@ -385,6 +521,8 @@ def _ratio(ours: Dict[str, Any], upstream: Dict[str, Any], key: str) -> str:
 def print_report(results: Dict[str, Dict[str, Any]], opts: argparse.Namespace) -> None:
     ours, upstream = results["ours"], results["upstream"]
     for name, figures in results.items():
+        if name == "meta":
+            continue
         if "argus_file" in figures:
             about = "argus %s from %s (Python %s; requests imported: %s)" % (
                 figures["argus_version"], figures["argus_file"], figures["python"],
@@ -395,6 +533,18 @@ def print_report(results: Dict[str, Dict[str, Any]], opts: argparse.Namespace) -
         for key in sorted(figures):
             if key.endswith("_error"):
                 print("          %s: %s" % (key, figures[key]))
+        for prefix, what in (("cpu_", "CPU runs"), ("dcpu_", "durable CPU runs")):
+            if prefix + "full_runs_ms" in figures:
+                print("          %s (ms): with epochs %s, empty %s" % (
+                    what, figures[prefix + "full_runs_ms"], figures[prefix + "empty_runs_ms"]))
+        if figures.get("durable_supported") is False:
+            print("          durable mode: not in this client (its durable figures are n/a)")
+        elif "durable_modes_seen" in figures:
+            print("          durable mode as each Reporter reported it: %s"
+                  % figures["durable_modes_seen"])
+    if "load" in results.get("meta", {}):
+        print("load average (1 min) before / after: %.2f / %.2f on %s CPUs"
+              % (results["meta"]["load"][0], results["meta"]["load"][1], os.cpu_count()))
     print()
     header = ("figure", "target", "ours", "upstream", "ratio")
     table = [header] + [
@@ -430,6 +580,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--amortised-calls", type=int, default=10000)
     parser.add_argument("--amortised-reps", type=int, default=5)
     parser.add_argument("--import-runs", type=int, default=15)
+    parser.add_argument("--cpu-reps", type=int, default=3,
+                        help="runs with the epochs, and as many empty runs, for CPU per event")
+    parser.add_argument("--no-durable", dest="durable", action="store_false",
+                        help="skip the durable-mode figures (ARGUS_DURABLE=1; ours only)")
+    parser.add_argument("--durable-rounds", type=int, default=4,
+                        help="off/on Reporter pairs in the durable epoch() comparison")
     parser.add_argument("--slow-ms", type=float, default=0.0,
                         help="also run a burst against a server taking this long per request")
     parser.add_argument("--slow-events", type=int, default=5000)
@@ -450,6 +606,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         opts.amortised_calls = min(opts.amortised_calls, 2000)
         opts.amortised_reps = min(opts.amortised_reps, 3)
         opts.import_runs = min(opts.import_runs, 5)
+        opts.cpu_reps = min(opts.cpu_reps, 1)
+        opts.durable_rounds = min(opts.durable_rounds, 2)
         opts.slow_events = min(opts.slow_events, 500)
     return opts
 
@@ -462,20 +620,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         Client("upstream", opts.upstream_python, None),
     ]
     tmp_root = Path(tempfile.mkdtemp(prefix="argus-bench-"))
+    load_before = os.getloadavg()[0]
     try:
         harness = Harness(tmp_root, opts.timeout, opts.token or None)
-        results = {client.name: measure(harness, client, opts) for client in clients}
+        results: Dict[str, Dict[str, Any]] = {
+            client.name: measure(harness, client, opts) for client in clients}
     finally:
         if opts.keep_temp:
             print("sandboxes kept in %s" % tmp_root, file=sys.stderr)
         else:
             shutil.rmtree(str(tmp_root), ignore_errors=True)
-    print_report(results, opts)
+    meta = {"argv": sys.argv[1:], "events": opts.events, "slow_ms": opts.slow_ms,
+            "cpus": os.cpu_count(), "load": [load_before, os.getloadavg()[0]],
+            "slow_events": opts.slow_events, "time": time.time()}
+    print_report(dict(results, meta=meta), opts)
     if opts.json:
-        meta = {"argv": sys.argv[1:], "events": opts.events, "slow_ms": opts.slow_ms,
-                "cpus": os.cpu_count(),
-                "slow_events": opts.slow_events, "time": time.time()}
-        opts.json.write_text(json.dumps(dict(results, meta=meta), indent=2, sort_keys=True))
+        opts.json.write_text(json.dumps(dict(results, meta=meta), indent=2, sort_keys=True,
+                                        default=sorted))
     return 0
 
 

@@ -8,16 +8,20 @@ It prints one line ``BENCH_RESULT <json>`` on stdout and nothing else there.
     python bench_client.py epoch URL --calls 20000 --amortised-calls 10000 --amortised-reps 5
     python bench_client.py burst URL --events 20000
     python bench_client.py daemons URL --samples 200
+    python bench_client.py cpu URL --events 20000          # --events 0: the empty run
+    python bench_client.py durable-epoch URL --calls 20000 --rounds 4
 
 Standard library only, Python 3.8+.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import resource
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -49,7 +53,7 @@ def _client_identity(argus: Any) -> Dict[str, Any]:
     }
 
 
-def _open_reporter(argus: Any, url: str, token: Optional[str]) -> Any:
+def _open_reporter(argus: Any, url: str, token: Optional[str], **extra: Any) -> Any:
     return argus.Reporter(
         batch_prefix="bench",
         source_project="bench",
@@ -58,7 +62,22 @@ def _open_reporter(argus: Any, url: str, token: Optional[str]) -> Any:
         resource_snapshot=False,
         monitor_url=url,
         token=token,
+        **extra
     )
+
+
+def _durable_active(reporter: Any) -> Optional[bool]:
+    """Whether an open Reporter of ours runs in durable mode (None: cannot tell)."""
+    return getattr(getattr(reporter, "_sender", None), "durable", None)
+
+
+def _process_cpu_s() -> Dict[str, float]:
+    """CPU seconds of this process, every thread: user and system (getrusage, µs resolution).
+
+    os.times() would do too, but it counts in clock ticks (10 ms on Linux).
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user": usage.ru_utime, "system": usage.ru_stime}
 
 
 # -- modes ------------------------------------------------------------------
@@ -161,6 +180,83 @@ def measure_burst(url: str, token: Optional[str], events: int) -> Dict[str, Any]
     return result
 
 
+def measure_cpu(url: str, token: Optional[str], events: int) -> Dict[str, Any]:
+    """Process CPU (all threads) of one Reporter and job with ``events`` epochs.
+
+    Counted from just before ``Reporter(...)`` to just after the outer ``with`` returns,
+    so it includes the worker's encoding and sending and the exit drain; ``import argus``
+    is before it. bench.py runs this with ``--events 0`` too (the empty run) and
+    subtracts. Durable mode comes from the environment (ARGUS_DURABLE), if at all.
+    """
+    import argus
+    before = _process_cpu_s()
+    wall0 = time.perf_counter()
+    reporter = _open_reporter(argus, url, token)
+    with reporter:
+        durable = _durable_active(reporter)
+        with reporter.job("job-1") as job:
+            epoch = job.epoch
+            for i in range(events):
+                epoch(i, train_loss=0.5, val_loss=0.6, lr=1e-3)
+    wall_s = time.perf_counter() - wall0
+    after = _process_cpu_s()
+    result = {
+        "events": events,
+        "cpu_user_s": after["user"] - before["user"],
+        "cpu_system_s": after["system"] - before["system"],
+        "wall_s": wall_s,
+        "threads_after_exit": threading.active_count(),
+        "durable_active": durable,
+        "requests_loaded": "requests" in sys.modules,
+    }
+    result.update(_client_identity(argus))
+    return result
+
+
+def measure_durable_epoch(url: str, token: Optional[str], calls: int,
+                          rounds: int) -> Dict[str, Any]:
+    """job.epoch cost with durable mode off and on, in one process, interleaved.
+
+    Per-call timings drift between processes by more than the difference sought, so
+    both modes run in this one process: ``rounds`` rounds, each with one Reporter opened
+    with ``durable=False`` and one with ``durable=True`` (which goes first alternates).
+    Each Reporter times ``calls // rounds`` single calls and then a loop of as many, so
+    each mode gets ``calls`` timed calls in all.
+    """
+    import argus
+    if "durable" not in inspect.signature(argus.Reporter).parameters:
+        result = {"durable_supported": False}
+        result.update(_client_identity(argus))
+        return result
+    per_round = max(1, calls // rounds)
+    costs: Dict[bool, List[int]] = {False: [], True: []}
+    loops: Dict[bool, List[float]] = {False: [], True: []}
+    active: Dict[bool, List[Optional[bool]]] = {False: [], True: []}
+    for rnd in range(rounds):
+        order = (False, True) if rnd % 2 == 0 else (True, False)
+        for durable in order:
+            with _open_reporter(argus, url, token, durable=durable) as reporter:
+                active[durable].append(_durable_active(reporter))
+                with reporter.job("job-%d-%s" % (rnd, "on" if durable else "off")) as job:
+                    costs[durable] += _time_each_epoch(job, per_round)
+                    loops[durable].append(_time_epoch_loop(job, per_round, per_round))
+    result: Dict[str, Any] = {"durable_supported": True, "calls_each": per_round * rounds,
+                              "rounds": rounds, "timer_overhead_ns": _timer_overhead_ns()}
+    for durable, name in ((False, "off"), (True, "on")):
+        ordered = sorted(costs[durable])
+        loops[durable].sort()
+        result.update({
+            name + "_p50_ns": _percentile(ordered, 50),
+            name + "_p90_ns": _percentile(ordered, 90),
+            name + "_p99_ns": _percentile(ordered, 99),
+            name + "_max_ns": ordered[-1],
+            name + "_amortised_ns": loops[durable][len(loops[durable]) // 2] * 1e9,
+            name + "_active": active[durable],
+        })
+    result.update(_client_identity(argus))
+    return result
+
+
 def _resource_sampler(argus: Any) -> Any:
     """The client's own resource-sampling function, or None if it has none we know."""
     sampler_class = getattr(argus, "_ResourceSampler", None)
@@ -224,6 +320,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     daemons.add_argument("url")
     daemons.add_argument("--token")
     daemons.add_argument("--samples", type=int, default=50)
+    cpu = sub.add_parser("cpu")
+    cpu.add_argument("url")
+    cpu.add_argument("--token")
+    cpu.add_argument("--events", type=int, default=20000)
+    durable = sub.add_parser("durable-epoch")
+    durable.add_argument("url")
+    durable.add_argument("--token")
+    durable.add_argument("--calls", type=int, default=20000)
+    durable.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
 
     if args.mode == "import":
@@ -233,6 +338,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                                args.amortised_calls, args.amortised_reps)
     elif args.mode == "daemons":
         result = measure_daemons(args.url, args.token, args.samples)
+    elif args.mode == "cpu":
+        result = measure_cpu(args.url, args.token, args.events)
+    elif args.mode == "durable-epoch":
+        result = measure_durable_epoch(args.url, args.token, args.calls, args.rounds)
     else:
         result = measure_burst(args.url, args.token, args.events)
     _emit_result(result)
