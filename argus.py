@@ -2773,7 +2773,7 @@ class ExperimentReporter:
         # Retry-After says when the bucket has one request again, for every process that
         # shares it: waiting exactly that long makes them all collide again. Wait a multiple,
         # doubled on each 429, spread out at random.
-        self._pace_gap = min(PACE_MAX_S, max(2.0 * retry_after, self._pace_gap * 2.0, 0.1))
+        self._pace_gap = min(PACE_MAX_S, max(3.0 * retry_after, self._pace_gap * 2.0, 0.1))
         if self._state is not _OPEN:  # closing: near what the server asks for, spread out
             self._next_send = _mono() + retry_after * (0.5 + _random() * 1.5)
         else:
