@@ -514,18 +514,6 @@ _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _UUID_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
 
 
-_ID_JSON = {}  # batch and job ids repeat in every event: encode each once
-
-
-def _id_json(ident: str) -> str:
-    text = _ID_JSON.get(ident)
-    if text is None:
-        if len(_ID_JSON) > 4096:
-            _ID_JSON.clear()
-        text = _ID_JSON[ident] = _dumps(ident)
-    return text
-
-
 def _uuid4() -> str:
     global _rng
     if _rng is None:
@@ -1718,6 +1706,7 @@ class ExperimentReporter:
         self._host, self._user, self._commit = host, user, commit
         self._command = None
         self._source_json = None
+        self._envelopes = {}  # (type, batch, job) -> the envelope around timestamp and data
         self._batch_id = batch_id or new_batch_id()
         self._offline = _offline_mode() if _worker else False  # the CLI sends synchronously
         disabled = _env_flag(ENV_DISABLE)
@@ -1936,6 +1925,7 @@ class ExperimentReporter:
         if command is not None and command != self._command:
             self._command = _truncate(_text(command), 4000)
             self._source_json = None
+            self._envelopes = {}
         self._event(
             "batch_start",
             None,
@@ -2142,12 +2132,11 @@ class ExperimentReporter:
             claim, self._claim = (self._claim, None) if not worker_alive else (None, self._claim)
             if claim is not None:
                 claim.release()
-            if self._acked and not worker_alive:
-                self._prune_acked()
             if self.durable and not self._disk_mode and not worker_alive:
                 self.spill.discard_open()  # every event in the journal was acknowledged
-            else:
-                self.spill.rotate()
+            if self._acked and not worker_alive:
+                self._prune_acked()
+            self.spill.rotate()
             if self.spill.summarise:
                 left = _left_behind.setdefault(self.spill.directory, [0, 0])
                 left[0] += self._own_events_on_disk()
@@ -2269,23 +2258,33 @@ class ExperimentReporter:
         return text
 
     def _encode(self, record) -> tuple:
+        """``(event_id, line)``: the event's envelope as strict JSON, its id made here, once."""
         etype, batch_id, job_id, ts, data, _size = record
+        envelope = self._envelopes.get((etype, batch_id, job_id))
+        if envelope is None:
+            envelope = self._envelope(etype, batch_id, job_id)
         event_id = _uuid4()
-        line = (
-            '{"event_id":"%s","schema_version":"%s","event_type":"%s","timestamp":"%s",'
-            '"batch_id":%s,"job_id":%s,"source":%s,"data":%s}'
-            % (
-                event_id,
-                SCHEMA_VERSION,
-                etype,
-                _format_ts(ts),
-                _id_json(batch_id),
-                "null" if job_id is None else _id_json(job_id),
-                self._source(),
-                _encode_data(data),
-            )
+        line = '{"event_id":"%s%s%s%s%s}' % (
+            event_id,
+            envelope[0],
+            _format_ts(ts),
+            envelope[1],
+            _encode_data(data),
         )
         return event_id, line
+
+    def _envelope(self, etype: str, batch_id: str, job_id) -> tuple:
+        """The parts of the envelope around the timestamp, the same for every event of one
+        type, batch and job: built once (the encoding of every event pays for the rest)."""
+        source = self._source()
+        if len(self._envelopes) > 4096:
+            self._envelopes.clear()
+        envelope = self._envelopes[(etype, batch_id, job_id)] = (
+            '","schema_version":"%s","event_type":"%s","timestamp":"' % (SCHEMA_VERSION, etype),
+            '","batch_id":%s,"job_id":%s,"source":%s,"data":'
+            % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
+        )
+        return envelope
 
     def _run(self) -> None:
         _worker_imports(self.url)
@@ -2567,8 +2566,9 @@ class ExperimentReporter:
     def _guard_loop(self) -> None:
         """Every quarter second: no unacknowledged event in memory only for over a second,
         and no request past its overall deadline."""
+        closed = self._closed_evt  # (_stop_evt is set for the whole drain: no spinning on it)
         while not self._abandoned and self._state is not _CLOSED:
-            if self._stop_evt.wait(0.25) and self._state is _CLOSED:
+            if closed.wait(0.25):
                 return
             try:
                 self._guard_tick()
