@@ -729,7 +729,8 @@ class SpillStore:
         self.dropped = 0  # events refused because the directory is at its cap
         self.rejected = 0  # events set aside in the dead-letter file
         self.failures = 0  # writes that failed (disk full, read-only, cannot create)
-        self.at_cap = False  # the last refusal was the size cap (counted), not a disk fault
+        self.at_cap = False  # the last append stopped at the size cap (not a disk fault)
+        self._refuse_said = None
         self.summarise = False  # a worker's store: its spills are summed up at exit
         self.own = []  # names of the files this store wrote that may still hold events
         self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
@@ -782,8 +783,9 @@ class SpillStore:
         self.own.append(name)
 
     def append(self, lines, *, rotate: bool = True) -> int:
-        """Write encoded events in order; returns how many were written. At the size cap the
-        events that fit are written and the rest refused, loudly and counted (``at_cap``)."""
+        """Write encoded events in order; returns how many were written (a prefix of
+        ``lines``). At the size cap only the events that fit are written and ``at_cap`` is
+        set: the caller keeps the rest, or gives them up through refuse()."""
         if not lines:
             return 0
         data = ("\n".join(lines) + "\n").encode("utf-8")
@@ -802,7 +804,7 @@ class SpillStore:
                             if room < 0:
                                 break
                             fits += 1
-                        self._refuse(len(lines) - fits)
+                        self.at_cap = True
                         lines = lines[:fits]
                         if not lines:
                             return 0
@@ -821,10 +823,15 @@ class SpillStore:
                 self.rotate()
             return len(lines)
 
-    def _refuse(self, count: int) -> None:
+    def refuse(self, count: int, say: bool = False) -> None:
+        """Events given up because the directory is at its cap: counted, and said (the first
+        time, then at most every 10 s, and whenever ``say``)."""
         self.dropped += count
-        self.at_cap = True
         self._note(dropped=count)
+        now = _mono()
+        if not say and self._refuse_said is not None and now - self._refuse_said < 10.0:
+            return
+        self._refuse_said = now
         _log(
             "error",
             "argus: the spill directory %s is at its cap of %s MB: %d event(s) could not be "
@@ -1779,6 +1786,7 @@ class ExperimentReporter:
         self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
         self._request_deadline = None
         self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
+        self._journal_epoch = 0  # counts journal writes (a signal handler may write in between)
         self._disk_mode = False  # this run's events go through disk until the backlog is gone
         self._abandoned = False
         self._deadline = None
@@ -1856,13 +1864,18 @@ class ExperimentReporter:
 
     def _overflow(self, record) -> None:
         """The queue is full: everything queued goes to disk, then this event, in order."""
+        if _mono() < self._disk_retry_at:  # the disk refused moments ago: no retry per call
+            return self._lose(1)
         with self._lock:
             if not self._journal_locked([record]):
                 self._lose(1)
         if self._idle and self._state is not _CLOSED:
             self._wake()
 
-    def _lose(self, count: int) -> None:
+    def _lose(self, count: int, say: bool = False) -> None:
+        """Events that neither memory nor disk can hold: counted, and said once."""
+        if self.spill.at_cap:
+            return self.spill.refuse(count, say)
         self.lost += count
         _log_once(
             "lost:%d" % id(self),
@@ -2120,7 +2133,9 @@ class ExperimentReporter:
                 saved = self._journal_locked(keep_controls=False)
                 if not saved:
                     left = self._count_queued()
-                    if left:
+                    if left and self.spill.at_cap:
+                        self.spill.refuse(left, say=True)
+                    elif left:
                         self.lost += left
                         _log(
                             "error",
@@ -2183,54 +2198,56 @@ class ExperimentReporter:
     def _journal_locked(self, extra=(), keep_controls: bool = True) -> bool:
         """Write the request in flight, the queue and ``extra`` records to disk, in order.
 
-        Called with ``self._lock`` held. Uploads and flush markers stay queued (or, when
-        closing, are released). On success the run is in disk mode; when the disk refuses,
-        everything stays in memory, encoded, and False is returned.
+        Called with ``self._lock`` held. The queue keeps its items until they are on disk: a
+        signal handler that closes the sender on this thread meanwhile finds them there.
+        Uploads and flush markers stay queued (or, when closing, are released). Returns True
+        when everything is on disk (the run is then in disk mode); otherwise what did not fit
+        stays in memory, encoded, in order, and False is returned.
         """
-        lines = []
-        inflight = self._inflight
-        if inflight and not self._inflight_journaled:
-            lines.extend(line for _, line in inflight)
+        inflight = self._inflight if self._inflight and not self._inflight_journaled else ()
         queue = self._queue
-        items = []
-        while queue:
-            items.append(queue.popleft())
-        kept = []  # the queue as it will be: encoded events and controls, in order
+        items = list(queue)
+        epoch = self._journal_epoch
+        pairs = list(inflight)
+        encoded = []  # the queue's items with every event encoded (ids fixed from here on)
         for item in items:
             if type(item) is tuple:
-                if len(item) == 3:
-                    if not item[2]:
-                        lines.append(item[1])
-                    kept.append(item)
-                    continue
-                if item[5]:
-                    self._bytes_out += item[5]
-                pair = self._encode(item)
-                lines.append(pair[1])
-                kept.append((pair[0], pair[1], False))
-            else:
-                kept.append(item)
+                if len(item) == 6:
+                    if item[5]:
+                        self._bytes_out += item[5]
+                    pair = self._encode(item)
+                    item = (pair[0], pair[1], False)
+                if not item[2]:
+                    pairs.append((item[0], item[1]))
+            encoded.append(item)
         for record in extra:
-            pair = self._encode(record)
-            lines.append(pair[1])
-        if not lines or self.spill.append(lines) == len(lines) or self.spill.at_cap:
-            # (at the cap the store refused them loudly and counted them: nothing to keep)
-            if inflight:
-                self._inflight_journaled = True
-            controls = [item for item in kept if type(item) is not tuple]
-            if not keep_controls:
-                for control in controls:
-                    control.done.set()
-                controls = []
-            queue.extendleft(reversed(controls))
-            if lines:
-                self._disk_mode = True
+            pairs.append(self._encode(record))
+        written = self.spill.append([line for _, line in pairs]) if pairs else 0
+        if self._journal_epoch != epoch:
+            return True  # a signal handler on this thread journaled everything meanwhile
+        self._journal_epoch += 1
+        for _ in items:
+            queue.popleft()
+        if written >= len(inflight) and inflight:
+            self._inflight_journaled = True
+        if written:
+            self._disk_mode = True
+        skip = max(0, written - len(inflight))  # events of the queue that are now on disk
+        kept = []
+        for item in encoded:
+            if type(item) is tuple:
+                if item[2]:
+                    continue  # on disk already (durable): the replay sends it
+                if skip:
+                    skip -= 1
+                    continue
+            elif not keep_controls:
+                item.done.set()
+                continue
+            kept.append(item)
+        queue.extendleft(reversed(kept))
+        if written == len(pairs):
             return True
-        if not keep_controls:
-            for item in kept:
-                if type(item) is not tuple:
-                    item.done.set()
-        queue.extendleft(reversed(kept))  # the disk refused: memory keeps them, in order
         self._disk_retry_at = _mono() + 5.0
         return False
 
@@ -2448,17 +2465,20 @@ class ExperimentReporter:
                 self._save(unsent)
 
     def _save(self, pairs: list) -> None:
-        """Undelivered events: to disk (disk mode), or back into memory if the disk refuses."""
-        if self.spill.append([line for _, line in pairs]) == len(pairs) or self.spill.at_cap:
+        """Undelivered events: to disk (disk mode), or back into memory what the disk refuses."""
+        written = self.spill.append([line for _, line in pairs])
+        if written:
             self._disk_mode = True
             if not self._offline and self._replay_due is None:
                 self._replay_due = self._down_until
+        if written == len(pairs):
             return
         self._disk_retry_at = _mono() + 5.0
+        rest = pairs[written:]
         room = self._qmax - len(self._queue)
-        keep = pairs[: max(0, room)]
-        if len(keep) < len(pairs):
-            self._lose(len(pairs) - len(keep))
+        keep = rest[: max(0, room)]
+        if len(keep) < len(rest):
+            self._lose(len(rest) - len(keep))
         self._queue.extendleft(reversed([(i, ln, False) for i, ln in keep]))
 
     def _disk_step(self) -> bool:
@@ -2488,7 +2508,7 @@ class ExperimentReporter:
         """Move queued events up to the first upload or flush marker to disk; return it."""
         with self._lock:
             queue = self._queue
-            lines, control = [], None
+            pairs, control = [], None
             while queue:
                 item = queue.popleft()
                 if type(item) is not tuple:
@@ -2496,18 +2516,20 @@ class ExperimentReporter:
                     break
                 if len(item) == 3:
                     if not item[2]:
-                        lines.append(item[1])
+                        pairs.append((item[0], item[1]))
                     continue
                 if item[5]:
                     self._bytes_out += item[5]
-                lines.append(self._encode(item)[1])
-            if lines and self.spill.append(lines) != len(lines) and not self.spill.at_cap:
-                # The disk refused: leave disk mode; memory holds the events until delivered.
-                self._disk_mode = False
+                pairs.append(self._encode(item))
+            written = self.spill.append([line for _, line in pairs]) if pairs else 0
+            if written < len(pairs):
+                # What does not fit stays in memory, in order. With a backlog of this run on
+                # disk, replaying it makes room; without one, memory sends them directly. A
+                # flush or upload behind them goes on: they are as safe as they can be.
+                queue.extendleft(reversed([(i, ln, False) for i, ln in pairs[written:]]))
                 self._disk_retry_at = _mono() + 5.0
-                queue.extendleft(reversed(([control] if control is not None else [])))
-                queue.extendleft(reversed([(_line_id(ln), ln, False) for ln in lines]))
-                return None
+                if not self.spill.own_backlog():
+                    self._disk_mode = False
             return control
 
     def _replay_own(self, until_empty: bool = False) -> bool:
