@@ -768,13 +768,17 @@ class SpillStore:
         self._ensure_dir()
         name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
         path = os.path.join(self.directory, name + _OPEN_SUFFIX)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        # Made under another name, locked and given its header before it is a .part file:
+        # a replayer never sees it empty and unlocked (it would delete it).
+        making = path + ".new"
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             _lock_nb(fd)
             _write_all(fd, (self.header + "\n").encode("utf-8"))
+            os.rename(making, path)
         except OSError:
             os.close(fd)
-            _unlink(path)
+            _unlink(making)
             raise
         self._fd = fd
         self._path = path
@@ -1747,6 +1751,7 @@ class ExperimentReporter:
         self._records_uploads = _worker
         self.lost = 0  # events that could be neither delivered nor saved (queue full, disk refused)
         self._state = _OPEN
+        self._refusing = False  # set while the last events are being saved at close
         self._state_lock = threading.RLock()
         self._closed_evt = threading.Event()
         self._closer = None
@@ -1782,11 +1787,13 @@ class ExperimentReporter:
         self._inflight_since = 0.0
         self._inflight_journaled = False
         self._deferred = False  # the last live send was put off by a 429
+        self._drain_probe = False  # closing while backing off: one request, no retries
         self._controls = 0  # uploads and flush markers queued: no lingering while one waits
         self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
         self._request_deadline = None
         self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
         self._journal_epoch = 0  # counts journal writes (a signal handler may write in between)
+        self._maintain_at = 0.0  # durable mode: when the journal is looked at next
         self._disk_mode = False  # this run's events go through disk until the backlog is gone
         self._abandoned = False
         self._deadline = None
@@ -1829,7 +1836,7 @@ class ExperimentReporter:
     def _submit_slow(self, etype, job_id, data, size, batch_id) -> None:
         if not self.enabled:
             return
-        if self._state is _CLOSED:
+        if self._state is _CLOSED or self._refusing:
             return self._refuse(etype)
         record = (etype, batch_id or self._batch_id, job_id, _now(), _jsonable(data), 0)
         if not self.durable:
@@ -2106,6 +2113,11 @@ class ExperimentReporter:
                 self._closer = me
                 self._deadline = _mono() + max(0.0, float(timeout))
                 self._slow = True
+                if not self._up() and not self._offline:
+                    # Backing off from a server that did not answer: ask it once more before
+                    # the exit gives up on it (one request, no retries).
+                    self._drain_probe = True
+                    self._down_until = 0.0
             elif self._closer != me:
                 wait = max(0.0, self._deadline - _mono()) + 1.0
         if wait is not None:  # another thread drains: wait for it, within its deadline
@@ -2130,7 +2142,11 @@ class ExperimentReporter:
             with self._lock:
                 if worker_alive:
                     self._abandoned = True  # a worker still blocked in a request is not trusted
+                self._refusing = True  # from here on a new event is refused, with the log line
+                self._slow = True
                 saved = self._journal_locked(keep_controls=False)
+                if saved and self._queue:  # events another thread queued while we wrote
+                    saved = self._journal_locked(keep_controls=False)
                 if not saved:
                     left = self._count_queued()
                     if left and self.spill.at_cap:
@@ -2163,22 +2179,31 @@ class ExperimentReporter:
             if worker_alive and self._transport is not None:
                 self._transport.abort()
 
-    def _prune_acked(self) -> None:
+    def _prune_acked(self, final: bool = True) -> None:
         """Take the events the server acknowledged after they were written out of this run's
-        files, so that the next replay does not make the server process them again."""
-        self.spill.rotate()
+        closed files, so that no replay makes the server process them again. ``final``
+        (closing): the open file is closed first, and the acknowledgements are forgotten."""
+        if final:
+            self.spill.rotate()
         skip = set()
         while self._acked:
             claim = self.spill.claim_next(skip=skip, own_only=True)
             if claim is None:
                 break
             skip.add(claim.path)
-            kept = [line for line in claim.lines if _line_id(line) not in self._acked]
+            kept = []
+            for line in claim.lines:
+                event_id = _line_id(line)
+                if event_id in self._acked:
+                    self._acked.discard(event_id)
+                else:
+                    kept.append(line)
             if len(kept) == len(claim.lines):
                 claim.release()
             else:
                 claim.rewrite(kept)
-        self._acked.clear()
+        if final:
+            self._acked.clear()
 
     def _own_events_on_disk(self) -> int:
         total = 0
@@ -2333,6 +2358,8 @@ class ExperimentReporter:
         while not self._abandoned:
             if self._deadline is not None and _mono() >= self._deadline:
                 return  # closing, out of time: close() saves what is left
+            if self.durable:
+                self._maintain_journal()
             if self._disk_mode:
                 if self._disk_step():
                     continue
@@ -2355,8 +2382,6 @@ class ExperimentReporter:
     def _wait(self) -> None:
         # In disk mode the caller does not wake the worker for each event: what queues is
         # written to disk in batches (here, or by the guard) while the server catches up.
-        if self.durable:
-            self._maintain_journal()
         self._idle = not self._disk_mode
         if not self._queue or self._disk_mode:
             self._wake_evt.wait(self._idle_wait())
@@ -2364,13 +2389,25 @@ class ExperimentReporter:
         self._idle = False
 
     def _maintain_journal(self) -> None:
-        """Durable mode, all caught up: a journal whose events were all acknowledged goes."""
+        """Durable mode: the journal rotates like any spill file, at most every rotate_s;
+        closed journals lose their acknowledged events, and go once those are all of them."""
+        now = _mono()
+        if now < self._maintain_at:
+            return
+        self._maintain_at = now + min(5.0, max(0.5, self.spill.rotate_s))
         with self._lock:
-            if self._disk_mode or self._queue or self._inflight or self._claim is not None:
+            if self._disk_mode or not self.spill.has_open_data():
                 return
-            if self.spill.has_open_data() and _mono() - self.spill._opened >= self.spill.rotate_s:
-                self.spill.discard_open()
-                self._acked.clear()
+            if now - self.spill._opened < self.spill.rotate_s and self.spill._written < _SPILL_ROTATE_BYTES:
+                return
+            if not self._queue and not self._inflight:
+                self.spill.discard_open()  # every event in it was acknowledged
+            else:
+                self.spill.rotate()
+        self._prune_acked(final=False)
+        with self._lock:
+            if not self._disk_mode and not self.spill.own_backlog() and not self.spill.has_open_data():
+                self._acked.clear()  # nothing of this run is on disk: nothing left to skip
 
     def _idle_wait(self) -> float:
         if self._disk_mode:
@@ -2656,6 +2693,9 @@ class ExperimentReporter:
         """POST events; return those not delivered (to keep). Rejected ones are set aside."""
         transport = self._get_transport()
         attempt = 0
+        if self._drain_probe:
+            self._drain_probe = False
+            attempts = 1
         while pairs:
             limit = self._fitting_limit()
             if limit < 1:
@@ -2783,10 +2823,15 @@ class ExperimentReporter:
         old = self._per_event_s
         self._per_event_s = per_event if old is None else 0.7 * old + 0.3 * per_event
         _server_rate["events_per_s"] = 1.0 / self._per_event_s
-        target = int(TARGET_REQUEST_S / self._per_event_s)
-        target = max(MIN_BATCH_EVENTS, min(MAX_BATCH_EVENTS, target))
+        # Per-event time mixes the server's fixed cost per request with its cost per event:
+        # size by how long the answer took. Grow while answers come fast, shrink at once
+        # towards what the per-event cost allows when they are slow.
         limit = self._batch_limit
-        self._batch_limit = target if target < limit else min(target, limit * 2)
+        if elapsed < TARGET_REQUEST_S / 2:
+            self._batch_limit = min(MAX_BATCH_EVENTS, limit * 2)
+        elif elapsed > TARGET_REQUEST_S * 2:
+            target = int(TARGET_REQUEST_S / self._per_event_s)
+            self._batch_limit = max(MIN_BATCH_EVENTS, min(limit // 2, max(target, MIN_BATCH_EVENTS)))
 
     def _paced(self, retry_after: float) -> None:
         """A 429: space this process's requests out (shared by the daemons), with jitter."""
@@ -3568,6 +3613,7 @@ class Reporter:
         self._n_failed = 0
         self._threads = []
         self._halt = threading.Event()
+        self._poll_transport = None
         self._entered = False
         self._finishing = False
         self._finished = False
@@ -3689,6 +3735,8 @@ class Reporter:
     def _finish(self, exc_type, exc, reason: str | None = None) -> None:
         self._finishing = True
         self._halt.set()
+        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
+            self._poll_transport.abort()
         for thread in self._threads:
             thread.join(THREAD_JOIN_S)
         sender = self._sender
@@ -3729,6 +3777,8 @@ class Reporter:
             return
         self._finishing = True
         self._halt.set()
+        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
+            self._poll_transport.abort()
         for job in reversed(list(self._jobs)):
             job._end(None, None, reason)
         self._send_end(reason)
@@ -3775,7 +3825,8 @@ class Reporter:
                 # paced (429s), the poll waits several of its gaps.
                 delay = interval * backoff + 4.0 * sender._pace_gap
                 try:
-                    transport = transport or _make_transport(sender.url, sender._token)
+                    if transport is None:
+                        transport = self._poll_transport = _make_transport(sender.url, sender._token)
                     status, headers, body = transport.request(
                         "GET", route, timeout=min(THREAD_JOIN_S, max(1.0, interval))
                     )
@@ -6528,7 +6579,7 @@ def _sync_each_destination(args) -> int:
     progress = sys.stderr.isatty()
     sent = uploads = 0
     for url in sorted(tokens):
-        use = token if fingerprint and fingerprint in tokens[url] else None
+        use = token if fingerprint and fingerprint in tokens[url] else ""  # "": no token at all
         sender = _cli_sender(url, use, args.dir)
         if sender is None:
             continue
