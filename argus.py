@@ -847,6 +847,21 @@ class SpillStore:
             ENV_SPILL_MAX_MB,
         )
 
+    def journal(self, line: str) -> bool:
+        """One event straight to the open file (durable mode); True once the kernel has it."""
+        data = (line + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd is None or self._total is None or self._total + len(data) > self.max_bytes:
+                return self.append([line], rotate=False) == 1
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            self._total += len(data)
+            self._written += len(data)
+            return True
+
     def _failed(self, exc: OSError) -> None:
         self.failures += 1
         if self._fd is not None:  # a half-written file: close it, keep what it holds
@@ -1838,13 +1853,20 @@ class ExperimentReporter:
             return
         if self._state is _CLOSED or self._refusing:
             return self._refuse(etype)
-        record = (etype, batch_id or self._batch_id, job_id, _now(), _jsonable(data), 0)
+        for value in data.values():
+            if type(value) not in _PLAIN_TYPES:
+                data = _jsonable(data)
+                break
+        record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
         if not self.durable:
             return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
         # Durable: the event reaches the kernel before the call returns; memory only sends it.
         pair = self._encode(record)
         with self._lock:
-            on_disk = self.spill.append([pair[1]], rotate=self._offline) == 1
+            if self._offline:
+                on_disk = self.spill.append([pair[1]]) == 1
+            else:
+                on_disk = self.spill.journal(pair[1])
             if len(self._queue) < self._qmax:
                 self._queue.append((pair[0], pair[1], on_disk))
             elif on_disk:
