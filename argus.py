@@ -5807,10 +5807,11 @@ _COLLECTOR_JOB_COLUMNS = ("batch_id, job_id, status, model, dataset, metrics, el
 class _CollectorError(Exception):
     """An error answer: the HTTP status and the `detail` the real server would send."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers or {}
 
 
 def _reject_json_constant(name: str) -> None:
@@ -5955,11 +5956,13 @@ def _collector_http_server(collector: _Collector, address: tuple):
             limit = _COLLECTOR_MAX_JSON_BYTES
             if path.endswith("/artifacts"):
                 limit = ARTIFACT_MAX_BYTES + _COLLECTOR_FORM_OVERHEAD
+            extra = {}  # response headers of an error answer (Retry-After)
             try:
                 self.body = self._read_body(limit)  # first, so that keep-alive survives errors
                 if isinstance(route, _CollectorError):
                     raise route
                 collector._authorize(self.headers.get("Authorization"))
+                collector._rate_check(self.headers.get("Authorization") or "")
                 if self.body is None:
                     raise _CollectorError(413, "Request body too large")
                 name, ids = route
@@ -5970,11 +5973,13 @@ def _collector_http_server(collector: _Collector, address: tuple):
                         collector._known_batch(ids[0])
                     status, payload = 200, getattr(collector, name)(*ids)
             except _CollectorError as exc:
-                status, payload = exc.status, {"detail": exc.detail}
+                status, payload, extra = exc.status, {"detail": exc.detail}, exc.headers
             except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the server
                 status, payload = 500, {"detail": f"internal error: {exc!r}"}
             body = _json_module().dumps(payload).encode("utf-8")
             self.send_response(status)
+            for name, value in extra.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             if self.close_connection:
@@ -6030,7 +6035,8 @@ class _Collector:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, db: str = ":memory:",
                  artifacts_dir: str | None = None, token: str | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, event_ms: float = 0.0,
+                 rate_limit: tuple | None = None) -> None:
         try:
             import sqlite3
         except ImportError:  # some cluster builds of Python lack it
@@ -6040,6 +6046,12 @@ class _Collector:
         self.host, self.port = host, port
         self.token = token
         self.verbose = verbose
+        # Like the real server under load (to try delivery against it): each event costs
+        # event_ms of one writer for all requests, and each token has a request budget of
+        # rate_limit = (burst, per second), answered 429 with Retry-After beyond it.
+        self.event_s = max(0.0, float(event_ms)) / 1000.0
+        self.rate_limit = rate_limit
+        self._buckets = {}  # token -> (requests left, monotonic time)
         self._artifacts_dir = artifacts_dir
         self._lock = threading.Lock()  # guards the connection below and _connections
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per request).
@@ -6179,6 +6191,23 @@ class _Collector:
         if not hmac.compare_digest(credential.strip().encode(), self.token.encode()):
             raise _CollectorError(401, "Invalid or expired API token")
 
+    def _rate_check(self, header: str) -> None:
+        if not self.rate_limit:
+            return
+        import math
+
+        burst, per_s = self.rate_limit
+        now = time.monotonic()
+        with self._lock:
+            left, then = self._buckets.get(header, (float(burst), now))
+            left = min(float(burst), left + (now - then) * per_s)
+            if left >= 1.0:
+                self._buckets[header] = (left - 1.0, now)
+                return
+            self._buckets[header] = (left, now)
+        wait = max(1, int(math.ceil((1.0 - left) / per_s))) if per_s > 0 else 60
+        raise _CollectorError(429, "Rate limit exceeded", {"Retry-After": str(wait)})
+
     def _post_event(self, request) -> tuple:
         event = _collector_json(request.body)
         _check_ingest_event(event)
@@ -6213,6 +6242,8 @@ class _Collector:
             self._db.execute("BEGIN")
             try:
                 for event in events:
+                    if self.event_s:
+                        time.sleep(self.event_s)  # one writer, one commit per event, as upstream
                     self._db.execute("SAVEPOINT event")
                     try:
                         outcomes.append(self._store(event))
@@ -6807,7 +6838,16 @@ def _cmd_stop(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    collector = _Collector(args.host, args.port, db=args.db, artifacts_dir=args.artifacts, token=args.token)
+    rate_limit = None
+    if args.rate_limit:
+        try:
+            burst, _, per_s = args.rate_limit.partition("/")
+            rate_limit = (float(burst), float(per_s))
+        except ValueError:
+            print("argus serve: --rate-limit takes BURST/PER_S, e.g. 60/10", file=sys.stderr)
+            return 2
+    collector = _Collector(args.host, args.port, db=args.db, artifacts_dir=args.artifacts, token=args.token,
+                           event_ms=args.event_ms, rate_limit=rate_limit)
     print("argus collector listening on %s (database %s); Ctrl-C stops it" % (collector.url, args.db),
           flush=True)
     try:
@@ -6999,6 +7039,19 @@ def _build_parser():
     p.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
     p.add_argument("--artifacts", help="folder for uploaded files (default: a temporary folder)")
     p.add_argument("--token", help="require this token (default: accept any request)")
+    p.add_argument(
+        "--event-ms",
+        type=float,
+        default=0.0,
+        help="like the real server under load: each event costs this many ms of one writer "
+        "shared by all requests, e.g. 7 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        metavar="BURST/PER_S",
+        help="like the real server: a request budget per token, e.g. 60/10; beyond it 429 with "
+        "Retry-After (default: none)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("stop", help="request a stop of a batch (local collector)")

@@ -694,3 +694,34 @@ def test_a_token_protected_collector_takes_only_its_token(tmp_path, spill_dir, c
         assert argus.main(["sync", "--url", collector.url,
                            "--token", "em_live_collector_token"]) == 0
         assert collector.batch("tok-1")["experiment_type"] == "x"
+
+
+# -- `argus serve --rate-limit / --event-ms`: the real server's behaviour under load -------------
+
+
+def test_a_rate_limited_collector_answers_429_with_retry_after_per_token(tmp_path):
+    with _Collector(artifacts_dir=str(tmp_path / "a"), rate_limit=(2, 0.5)) as collector:
+        alice, bob = Client(collector, token="alice"), Client(collector, token="bob")
+        answers = [alice.post("/api/events", make_event("batch_start"))[0] for _ in range(3)]
+        assert answers == [200, 200, 429]  # a burst of 2, then 0.5 a second
+        alice.conn.request("POST", "/api/events", body=json.dumps(make_event("batch_start")),
+                           headers={"Authorization": "Bearer alice", "Content-Type": "application/json"})
+        response = alice.conn.getresponse()
+        assert response.status == 429 and json.loads(response.read()) == {"detail": "Rate limit exceeded"}
+        assert response.getheader("Retry-After") == "2"  # whole seconds until one request is back
+        assert bob.post("/api/events", make_event("batch_start"))[0] == 200  # per token
+        alice.conn.close()
+        bob.conn.close()
+
+
+def test_the_sdk_delivers_everything_to_a_slow_rate_limited_collector(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARGUS_SPILL_DIR", str(tmp_path / "spill"))
+    with _Collector(artifacts_dir=str(tmp_path / "a"), event_ms=2, rate_limit=(3, 2)) as collector:
+        with argus.Reporter(monitor_url=collector.url, token="t", batch_id="limited-1", heartbeat=False,
+                            stop_polling=False, resource_snapshot=False, drain_timeout=20) as r:
+            with r.job("j") as job:
+                for i in range(300):
+                    job.epoch(i, train_loss=1.0 / (i + 1))
+        assert len(collector.epochs("limited-1", "j")) == 300
+        assert collector.batch("limited-1")["status"] == "DONE"
+    assert not list((tmp_path / "spill").glob("*.jsonl*"))
