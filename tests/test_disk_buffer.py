@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import ROOT, dead_letters, free_port
+from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, free_port, line, on_disk, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes and signals")
 
@@ -41,18 +40,7 @@ WINDOW_S = 2.5  # "on disk within about 1 s", with room for a loaded 2-core mach
 PRELUDE = """
 import os, signal, sys, threading, time
 import argus
-QUIET = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
-
-
-def gate(name, timeout=60):
-    # tell the test this phase is done, then wait until the test says go
-    open(name + ".ready", "w").close()
-    end = time.time() + timeout
-    while not os.path.exists(name + ".go") and time.time() < end:
-        time.sleep(0.005)
-
-
-"""
+""" + GATE_PRELUDE
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,59 +105,6 @@ class Child:
             reader.join(5)
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
-
-
-def on_disk(directory) -> dict:
-    """event_id -> event of every event waiting in a spill directory.
-
-    Tolerant: a file being written may end in half a line, and spill files may start with a
-    header line (``"argus_spill"``: destination and token fingerprint) that is not an event.
-    """
-    found = {}
-    for path in sorted(Path(directory).glob("*.jsonl*")) if Path(directory).is_dir() else []:
-        if path.name.startswith(("deadletter", "pending-uploads")):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:  # renamed or replayed meanwhile
-            continue
-        for line in text.splitlines():
-            if not line.strip() or "argus_spill" in line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and "event_id" in event:
-                found[event["event_id"]] = event
-    return found
-
-
-def everywhere(fake, directory) -> dict:
-    """event_id -> event, delivered or waiting on disk (dead letters count as kept, too)."""
-    found = on_disk(directory)
-    for letter in dead_letters(directory) if Path(directory).is_dir() else []:
-        if isinstance(letter.get("event"), dict):
-            found[letter["event"]["event_id"]] = letter["event"]
-    if fake is not None:
-        with fake.lock:
-            found.update(fake.events)
-    return found
-
-
-def epochs(events, job_id: str) -> list:
-    return sorted(
-        e["data"]["epoch"] for e in events.values() if e["event_type"] == "job_epoch" and e["job_id"] == job_id
-    )
-
-
 def progress(path: Path) -> dict:
     """epoch -> wall time at which its job.epoch() call had returned (half a last line skipped)."""
     returned = {}
@@ -194,62 +129,6 @@ def sync(url=None) -> int:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         return argus.main(["sync"] + (["--url", url] if url else []))
-
-
-def line(name: str, **figures) -> None:
-    print("\n[%s] %s" % (name, " ".join("%s=%s" % kv for kv in figures.items())))
-
-
-class Slowloris:
-    """Reads a request, then answers one header byte every 0.2 s, forever."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        self.sock.settimeout(0.1)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn):
-        try:
-            conn.settimeout(0.2)
-            try:
-                conn.recv(65536)
-            except socket.timeout:
-                pass
-            conn.sendall(b"HTTP/1.1 200 OK\r\n")
-            while not self.stop.is_set():
-                conn.sendall(b"X")
-                try:
-                    if conn.recv(65536) == b"":
-                        break
-                except socket.timeout:
-                    pass
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
-
-
-@pytest.fixture
-def slowloris():
-    server = Slowloris()
-    yield server
-    server.close()
 
 
 def outage(fake) -> None:

@@ -13,17 +13,26 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import argus
-from conftest import ROOT, dead_letters
+from conftest import (
+    GATE_PRELUDE,
+    ROOT,
+    epochs,
+    everywhere,
+    hold_artifacts,
+    line,
+    of_type,
+    on_disk,
+    wait_until,
+    write_png,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes, signals and fork")
 
@@ -31,18 +40,7 @@ PRELUDE = """
 import os, signal, sys, threading, time, warnings
 warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
 import argus
-QUIET = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
-
-
-def gate(name, timeout=60):
-    # tell the test this phase is done, then wait until the test says go
-    open(name + ".ready", "w").close()
-    end = time.time() + timeout
-    while not os.path.exists(name + ".go") and time.time() < end:
-        time.sleep(0.005)
-
-
-"""
+""" + GATE_PRELUDE
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,96 +89,6 @@ def finish(proc: subprocess.Popen, cwd, timeout: float = 60) -> tuple:
 
 def run(code: str, env: dict, cwd, timeout: float = 60) -> tuple:
     return finish(start(code, env, cwd), cwd, timeout)
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
-
-
-def on_disk(directory) -> dict:
-    """event_id -> event of every event waiting in a spill directory.
-
-    Tolerant: a file being written may end in half a line, and spill files may start with a
-    header line (``"argus_spill"``: destination and token fingerprint) that is not an event.
-    """
-    found = {}
-    for path in sorted(Path(directory).glob("*.jsonl*")):
-        if path.name.startswith(("deadletter", "pending-uploads")):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:  # renamed or replayed meanwhile
-            continue
-        for line in text.splitlines():
-            if not line.strip() or "argus_spill" in line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and "event_id" in event:
-                found[event["event_id"]] = event
-    return found
-
-
-def everywhere(fake, directory) -> dict:
-    """event_id -> event, delivered or waiting on disk (dead letters count as kept, too)."""
-    found = on_disk(directory)
-    for letter in dead_letters(directory) if Path(directory).exists() else []:
-        if isinstance(letter.get("event"), dict):
-            found[letter["event"]["event_id"]] = letter["event"]
-    with fake.lock:
-        found.update(fake.events)
-    return found
-
-
-def epochs(events, job_id: str) -> list:
-    return sorted(
-        e["data"]["epoch"] for e in events.values() if e["event_type"] == "job_epoch" and e["job_id"] == job_id
-    )
-
-
-def of_type(events, event_type: str, batch_id=None) -> list:
-    return [
-        e
-        for e in events.values()
-        if e["event_type"] == event_type and (batch_id is None or e["batch_id"] == batch_id)
-    ]
-
-
-def line(name: str, **figures) -> None:
-    print("\n[%s] %s" % (name, " ".join("%s=%s" % kv for kv in figures.items())))
-
-
-def hold_artifacts(fake, monkeypatch, store: bool = True):
-    """Make the fake's artifact route wait for the returned ``release`` event.
-
-    Returns ``(arrived, release)``: ``arrived`` is set once an upload reached the server.
-    """
-    arrived, release = threading.Event(), threading.Event()
-    handler = fake.server.RequestHandlerClass
-    original = handler._artifact
-
-    def held(self, raw):
-        arrived.set()
-        release.wait(30)
-        if store:
-            return original(self, raw)
-        return self._answer(503, {"detail": "gone"})
-
-    monkeypatch.setattr(handler, "_artifact", held)
-    return arrived, release
-
-
-def write_png(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n fake image bytes")
-    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,66 +479,6 @@ def test_the_stop_poller_survives_a_program_that_changes_the_environment(fake, s
 # ---------------------------------------------------------------------------------------
 # every request has a deadline
 # ---------------------------------------------------------------------------------------
-
-
-class Slowloris:
-    """Reads a request, then answers one header byte every 0.2 s, forever."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.accepted = 0
-        self.open = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        self.sock.settimeout(0.1)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with self.lock:
-                self.accepted += 1
-                self.open += 1
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn):
-        try:
-            conn.settimeout(0.2)
-            try:
-                conn.recv(65536)
-            except socket.timeout:
-                pass
-            conn.sendall(b"HTTP/1.1 200 OK\r\n")
-            while not self.stop.is_set():
-                conn.sendall(b"X")
-                try:  # a client that closed its end shows as EOF here
-                    if conn.recv(65536) == b"":
-                        break
-                except socket.timeout:
-                    pass
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            with self.lock:
-                self.open -= 1
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
-
-
-@pytest.fixture
-def slowloris():
-    server = Slowloris()
-    yield server
-    server.close()
 
 
 SENDERS_AGAINST_SLOWLORIS = """

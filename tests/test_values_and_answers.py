@@ -30,7 +30,17 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import ROOT, FakeArgus, dead_letters, validate_event
+from conftest import (
+    ROOT,
+    FakeArgus,
+    dead_letters,
+    epochs,
+    hold_artifacts,
+    line,
+    on_disk,
+    validate_event,
+    write_png,
+)
 
 QUIET = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
 
@@ -47,32 +57,8 @@ except ImportError:  # the stdlib-only test environment
 # ---------------------------------------------------------------------------------------
 
 
-def on_disk(directory) -> dict:
-    """event_id -> event waiting in a spill directory (header lines and half lines skipped)."""
-    found = {}
-    for path in sorted(Path(directory).glob("*.jsonl*")) if Path(directory).is_dir() else []:
-        if path.name.startswith(("deadletter", "pending-uploads")):
-            continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line.strip() or "argus_spill" in line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and "event_id" in event:
-                found[event["event_id"]] = event
-    return found
-
-
 def letters(directory) -> list:
     return dead_letters(directory) if Path(directory).is_dir() else []
-
-
-def epochs(events, job_id: str) -> list:
-    return sorted(
-        e["data"]["epoch"] for e in events if e["event_type"] == "job_epoch" and e["job_id"] == job_id
-    )
 
 
 def sync(*args) -> tuple:
@@ -81,10 +67,6 @@ def sync(*args) -> tuple:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         status = argus.main(["sync"] + list(args))
     return status, out.getvalue()
-
-
-def line(name: str, **figures) -> None:
-    print("\n[%s] %s" % (name, " ".join("%s=%s" % kv for kv in figures.items())))
 
 
 def run_script(script: Path, args: list, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -99,12 +81,6 @@ def run_script(script: Path, args: list, env: dict, timeout: float = 60) -> subp
         text=True,
         timeout=timeout,
     )
-
-
-def write_png(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n fake image bytes")
-    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -422,28 +398,6 @@ def test_spill_files_for_server_a_are_left_alone_by_a_run_against_b_and_synced_t
 # ---------------------------------------------------------------------------------------
 
 
-def _hold_uploads(fake, monkeypatch, first: int, store: bool):
-    """The fake's first ``first`` uploads wait for ``release`` (answered 503, not stored,
-    unless ``store``); returns (arrived, release)."""
-    arrived, release = threading.Event(), threading.Event()
-    handler = fake.server.RequestHandlerClass
-    original = handler._artifact
-    count = [0]
-
-    def held(self, raw):
-        count[0] += 1
-        if count[0] > first:
-            return original(self, raw)
-        arrived.set()
-        release.wait(30)
-        if store:
-            return original(self, raw)
-        return self._answer(503, {"detail": "gone"})
-
-    monkeypatch.setattr(handler, "_artifact", held)
-    return arrived, release
-
-
 def test_a_killed_argus_sync_orphans_no_pending_uploads(fake, spill_dir, tmp_path, monkeypatch):
     """Issue 10: a killed `argus sync` left `pending-uploads.jsonl.sync-<pid>`, which nothing
     read again: the offline run's uploads were never sent."""
@@ -454,7 +408,7 @@ def test_a_killed_argus_sync_orphans_no_pending_uploads(fake, spill_dir, tmp_pat
             job.epoch(0)
             job.upload(png)
     monkeypatch.delenv("ARGUS_OFFLINE")
-    arrived, release = _hold_uploads(fake, monkeypatch, first=1, store=False)
+    arrived, release = hold_artifacts(fake, monkeypatch, first=1, store=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "argus", "sync", "--url", fake.url], env=env,
