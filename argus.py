@@ -4710,6 +4710,8 @@ def _prepare_process(url: str | None) -> None:
         "localhost".encode("idna")  # the codec the first connect looks up (encodings.idna)
         if url and url.lower().startswith("https"):
             import ssl  # noqa: F401
+        _transport_name()  # importlib.util
+        _user()  # pwd, where USER is not set
     except Exception:
         pass
     if hasattr(os, "register_at_fork") and not _imports["done"]:
