@@ -285,6 +285,7 @@ def test_a_200_that_acknowledges_no_event_keeps_the_events(httpserver, spill_dir
     delivered: 200 of 200 were lost with nothing printed, on both transports. (An event
     missing from a partial ``results`` list must stay pending too.)"""
     monkeypatch.setenv("ARGUS_TRANSPORT", transport)
+    monkeypatch.setattr(argus, "RETRY_BASE_S", 0.01)  # the retries after each odd answer, quickly
     server = Ingest(httpserver, [odd] * 3)
     with argus.Reporter(monitor_url=server.url, batch_id="odd-1", **QUIET) as r:
         with r.job("train") as job:
