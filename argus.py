@@ -2754,6 +2754,10 @@ class ExperimentReporter:
                 self._request_deadline = None
             elapsed = _mono() - started
             self._linger_until = _mono() + LINGER_S
+            if self._pace_gap and status != 429:
+                # A token shared by others (429s seen): every request keeps the gap, so that
+                # this process sends few full requests rather than many small ones.
+                self._next_send = max(self._next_send, _mono() + self._pace_gap * (0.75 + _random() * 0.5))
             if status is not None and 200 <= status < 300:
                 retry, odd = self._read_results(pairs, data, single)
                 if odd is None:
@@ -2863,8 +2867,9 @@ class ExperimentReporter:
         # shares it: waiting exactly that long makes them all collide again. Wait a multiple,
         # doubled on each 429, spread out at random.
         self._pace_gap = min(PACE_MAX_S, max(3.0 * retry_after, self._pace_gap * 2.0, 0.1))
-        if self._state is not _OPEN:  # closing: near what the server asks for, spread out
-            self._next_send = _mono() + retry_after * (0.5 + _random() * 1.5)
+        if self._state is not _OPEN:  # closing: spread over what is left of the deadline
+            room = max(0.0, (self._deadline or 0.0) - _mono() - retry_after - 0.3)
+            self._next_send = _mono() + retry_after + _random() * room
         else:
             self._next_send = _mono() + self._pace_gap * (0.75 + _random() * 0.75)
 
