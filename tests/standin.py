@@ -2,8 +2,8 @@
 that drives real SDK processes against it.
 
 The tests' ``FakeArgus`` (conftest.py) answers at once. The real Argus server (FastAPI on
-SQLite, see ../shared/spec/PROTOCOL.md, "What the reference server does under load") does
-not, and delivery has to be measured against what it really does:
+SQLite, measured under load on loopback) does not, and delivery has to be measured against
+what it really does:
 
 - it commits every event on its own, one writer at a time: about 7 ms an event, ~140
   events/s in total whatever the batch size, and a duplicate costs its check too;
