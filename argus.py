@@ -888,11 +888,16 @@ class SpillStore:
     def has_open_data(self) -> bool:
         return self._fd is not None and self._written > 0
 
+    def _take_open(self) -> tuple:
+        """(fd, path) of the open file, which is no longer this store's to write; (None, None)."""
+        fd, path = self._fd, self._path
+        self._fd = self._path = None
+        return fd, path
+
     def rotate(self) -> None:
         """Close the open file so that it can be replayed (by this or another process)."""
         with self._lock:
-            fd, path = self._fd, self._path
-            self._fd = self._path = None
+            fd, path = self._take_open()
             if fd is None:
                 return
             try:
@@ -911,8 +916,7 @@ class SpillStore:
     def discard_open(self) -> None:
         """Delete the open file: every event in it was acknowledged (durable mode)."""
         with self._lock:
-            fd, path = self._fd, self._path
-            self._fd = self._path = None
+            fd, path = self._take_open()
             if fd is None:
                 return
             self._total = None
@@ -1122,13 +1126,8 @@ def _fingerprint(token: str | None) -> str | None:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
-def _parse_header(line: str):
-    """The destination URL of a spill file's header line, or False when it is no header."""
-    header = _header(line)
-    return False if header is None else header.get("url")
-
-
 def _header(line: str):
+    """A spill file's header line as a dict (``url``, ``token`` fingerprint), else None."""
     if not line.startswith('{"argus_spill"'):
         return None
     try:
@@ -1146,10 +1145,10 @@ def _file_events(path: str) -> tuple:
             count = first.count(b"\n") + sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
     except OSError:
         return 0, None
-    destination = _parse_header(first.decode("utf-8", "replace").strip())
-    if destination is False:
+    header = _header(first.decode("utf-8", "replace").strip())
+    if header is None:
         return count, None
-    return count - 1, destination
+    return count - 1, header.get("url")
 
 
 def _count_lines(path: str) -> int:
@@ -2194,7 +2193,6 @@ class ExperimentReporter:
                 left = _left_behind.setdefault(self.spill.directory, [0, 0])
                 left[0] += self._own_events_on_disk()
                 left[1] += self.lost
-            self._slow = True
             self._state = _CLOSED
             self._closed_evt.set()
             _live.discard(self)
