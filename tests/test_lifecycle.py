@@ -162,6 +162,36 @@ with argus.Reporter(batch_id="parent-1", **QUIET) as r:
 """
 
 
+FORK_IDS = """
+with argus.Reporter(batch_id="ids-1", **QUIET) as r:
+    with r.job("parent") as job:
+        job.epoch(0)
+        assert r.flush(10)  # the parent has drawn event ids: the rest of its bulk is in memory
+        pid = os.fork()
+        who = "child" if pid == 0 else "parent"
+        for i in range(1, 301):
+            r.emit("job_epoch", job_id=who + "-emit", epoch=i)
+        if pid == 0:
+            os._exit(0 if r.flush(20) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child status", os.WEXITSTATUS(status), flush=True)
+"""
+
+
+def test_a_forked_child_never_draws_the_parents_event_ids(fake, spill_dir, tmp_path):
+    """Event ids are made in bulk ahead of use: a forked child that kept the parent's unused
+    ones would send the same ids as the parent, and the server would drop one of each pair
+    as a duplicate."""
+    rc, out, err = run(FORK_IDS, {"ARGUS_URL": fake.url}, tmp_path)
+    assert rc == 0 and "child status 0" in out, err[-2000:]
+    events = everywhere(fake, spill_dir)
+    line("fork and event ids", parent=len(epochs(events, "parent-emit")), child=len(epochs(events, "child-emit")),
+         duplicates_seen_by_server=fake.duplicates)
+    assert fake.duplicates == 0
+    assert epochs(events, "parent-emit") == list(range(1, 301))
+    assert epochs(events, "child-emit") == list(range(1, 301))
+
+
 def test_a_forked_child_with_its_own_reporter_handles_sigterm(fake, spill_dir, tmp_path):
     """Issue 10: a forked child that opens its own Reporter ignored SIGTERM: its job and batch
     stayed RUNNING and its queue was lost."""
