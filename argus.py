@@ -1793,7 +1793,7 @@ class ExperimentReporter:
         self._pace_streak = 0  # answers without a 429 since the last one
         self._sent_429 = 0
         self._reset_runtime()
-        self._slow = not self.enabled or self.durable  # True: _submit takes the careful path
+        self._slow = not self.enabled  # True: _submit takes the careful path
         if self.enabled and _worker:
             _live.add(self)
             _prepare_process(self.url)
@@ -1854,6 +1854,8 @@ class ExperimentReporter:
             if type(value) not in _PLAIN_TYPES:
                 data = _jsonable(data)
                 break
+        if self.durable:
+            return self._submit_durable(etype, job_id, data, batch_id)
         queue = self._queue
         if len(queue) >= self._qmax or (size and self._bytes_in - self._bytes_out > QUEUE_MAX_BYTES):
             return self._overflow((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
@@ -1873,17 +1875,22 @@ class ExperimentReporter:
                 data = _jsonable(data)
                 break
         record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
-        if not self.durable:
-            return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
-        # Durable: the event reaches the kernel before the call returns; memory only sends it.
-        pair = self._encode(record)
+        if self.durable:
+            return self._submit_durable(etype, job_id, data, batch_id)
+        return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
+
+    def _submit_durable(self, etype: str, job_id, data: dict, batch_id=None) -> None:
+        """Durable mode: the event reaches the kernel (one write to the open spill file)
+        before the call returns; memory only sends it. Encoded here, once: the id in the
+        file is the one the server gets."""
+        event_id, line = self._encode((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
         with self._lock:
             if self._offline:
-                on_disk = self.spill.append([pair[1]]) == 1
+                on_disk = self.spill.append([line]) == 1
             else:
-                on_disk = self.spill.journal(pair[1])
+                on_disk = self.spill.journal(line)
             if len(self._queue) < self._qmax:
-                self._queue.append((pair[0], pair[1], on_disk))
+                self._queue.append((event_id, line, on_disk))
             elif on_disk:
                 self._disk_mode = True
             else:
@@ -3149,7 +3156,7 @@ class ExperimentReporter:
             self._closed_evt.set()
         else:
             _live.add(self)
-        self._slow = not self.enabled or self.durable or self._state is not _OPEN
+        self._slow = not self.enabled or self._state is not _OPEN
 
 
 _ACKED = frozenset(("accepted", "deduplicated"))  # the per-event results that mean stored
@@ -4146,6 +4153,8 @@ class JobContext:
                 data = _jsonable(data)
                 data["epoch"] = _epoch_number(epoch)
                 break
+        if sender.durable:
+            return sender._submit_durable("job_epoch", self._job_id, data)
         queue = sender._queue
         if len(queue) >= sender._qmax:
             return sender._overflow(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
