@@ -741,6 +741,8 @@ class SpillStore:
         self.rotate_s = _env_float(ENV_SPILL_ROTATE_S, DEFAULT_SPILL_ROTATE_S)
         self.url = url
         self.header = _dumps({"argus_spill": 1, "url": url, "token": _fingerprint(token)})
+        self.source = None  # the sender's source (JSON): compact lines need it in the header
+        self._has_source = False  # the open file's header carries self.source
         self.spilled = 0  # events this process wrote
         self.dropped = 0  # events refused because the directory is at its cap
         self.rejected = 0  # events set aside in the dead-letter file
@@ -788,9 +790,12 @@ class SpillStore:
         # a replayer never sees it empty and unlocked (it would delete it).
         making = path + ".new"
         fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        header = self.header
+        if self.source is not None:
+            header = '%s,"source":%s}' % (header[:-1], self.source)
         try:
             _lock_nb(fd)
-            _write_all(fd, (self.header + "\n").encode("utf-8"))
+            _write_all(fd, (header + "\n").encode("utf-8"))
             os.rename(making, path)
         except OSError:
             os.close(fd)
@@ -798,6 +803,7 @@ class SpillStore:
             raise
         self._fd = fd
         self._path = path
+        self._has_source = self.source is not None
         self._opened = _mono()
         self._written = 0
         self.own.append(name)
@@ -863,11 +869,22 @@ class SpillStore:
             ENV_SPILL_MAX_MB,
         )
 
-    def journal(self, line: str) -> bool:
-        """One event straight to the open file (durable mode); True once the kernel has it."""
-        data = (line + "\n").encode("utf-8")
+    def journal(self, line) -> bool:
+        """One event straight to the open file (durable mode); True once the kernel has it.
+        ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
+        if type(line) is bytes:
+            data = line
+            with self._lock:
+                if self._fd is not None and not self._has_source:
+                    self.rotate()  # a compact line needs the source in its file's header
+                return self._journal(data, line)
+        return self._journal((line + "\n").encode("utf-8"), line)
+
+    def _journal(self, data: bytes, line) -> bool:
         with self._lock:
             if self._fd is None or self._total is None or self._total + len(data) > self.max_bytes:
+                if type(line) is bytes:
+                    line = line[:-1].decode("ascii")
                 return self.append([line], rotate=False) == 1
             try:
                 _write_all(self._fd, data)
@@ -1190,10 +1207,15 @@ class _Claim:
         self.destination = None  # the server URL the events were written for (None: any)
         self.token_fp = None  # the fingerprint of the token they were written under
         header = _header(lines[0]) if lines else None
+        source = None
         if header is not None:
             self.header = lines.pop(0)
             self.destination = header.get("url")
             self.token_fp = header.get("token")
+            source = header.get("source")
+        if any(ln[0] == "~" for ln in lines):  # durable mode's compact lines: encoded now
+            source = _dumps_safe(source if isinstance(source, dict) else {"project": "unknown"})
+            lines = [(_expand(ln, source) or ln) if ln[0] == "~" else ln for ln in lines]
         self.lines = lines
         self.pos = 0
 
@@ -1883,14 +1905,24 @@ class ExperimentReporter:
         """Durable mode: the event reaches the kernel (one write to the open spill file)
         before the call returns; memory only sends it. Encoded here, once: the id in the
         file is the one the server gets."""
-        event_id, line = self._encode((etype, batch_id or self._batch_id, job_id, _now(), data, 0))
+        try:
+            event_id = _ids.pop()
+        except IndexError:
+            event_id = _uuid4()
+        record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
+        spill = self.spill
+        if spill.source is None:
+            spill.source = self._source()
+        line = None if self._offline else _compact(record, event_id)
         with self._lock:
-            if self._offline:
-                on_disk = self.spill.append([line]) == 1
+            if line is None:  # offline (the file is the delivery) or data marshal refuses
+                line = self._encode(record, event_id)[1]
+                on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
             else:
-                on_disk = self.spill.journal(line)
+                on_disk = spill.journal(line)
             if len(self._queue) < self._qmax:
-                self._queue.append((event_id, line, on_disk))
+                # The worker encodes it (with this id) when it sends it.
+                self._queue.append(record + (event_id, on_disk))
             elif on_disk:
                 self._disk_mode = True
             else:
@@ -2285,6 +2317,9 @@ class ExperimentReporter:
                         self._bytes_out += item[5]
                     pair = self._encode(item)
                     item = (pair[0], pair[1], False)
+                elif len(item) == 8:
+                    pair = self._encode(item, item[6])
+                    item = (pair[0], pair[1], item[7])
                 if not item[2]:
                     pairs.append((item[0], item[1]))
             encoded.append(item)
@@ -2342,16 +2377,18 @@ class ExperimentReporter:
             text = self._source_json = _dumps_safe(source)
         return text
 
-    def _encode(self, record) -> tuple:
-        """``(event_id, line)``: the event's envelope as strict JSON, its id made here, once."""
-        etype, batch_id, job_id, ts, data, _size = record
+    def _encode(self, record, event_id=None) -> tuple:
+        """``(event_id, line)``: the event's envelope as strict JSON, its id made here, once
+        (durable mode made it on the caller's thread: ``event_id``)."""
+        etype, batch_id, job_id, ts, data = record[:5]
         envelope = self._envelopes.get((etype, batch_id, job_id))
         if envelope is None:
             envelope = self._envelope(etype, batch_id, job_id)
-        try:
-            event_id = _ids.pop()
-        except IndexError:
-            event_id = _uuid4()
+        if event_id is None:
+            try:
+                event_id = _ids.pop()
+            except IndexError:
+                event_id = _uuid4()
         text = None
         if _json_encode_chunks is not None:
             try:  # the common case without the checks' function calls; else _encode_data
@@ -2376,11 +2413,7 @@ class ExperimentReporter:
         source = self._source()
         if len(self._envelopes) > 4096:
             self._envelopes.clear()
-        envelope = self._envelopes[(etype, batch_id, job_id)] = (
-            '","schema_version":"%s","event_type":"%s","timestamp":"' % (SCHEMA_VERSION, etype),
-            '","batch_id":%s,"job_id":%s,"source":%s,"data":'
-            % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
-        )
+        envelope = self._envelopes[(etype, batch_id, job_id)] = _envelope_parts(etype, batch_id, job_id, source)
         return envelope
 
     def _run(self) -> None:
@@ -2512,13 +2545,18 @@ class ExperimentReporter:
                 if len(item) == 3:
                     pair = (item[0], item[1])
                     on_disk = on_disk and item[2]
-                else:
+                elif len(item) == 6:
                     if item[5]:
                         self._bytes_out += item[5]
                     if since is None:
                         since = item[3]
                     pair = self._encode(item)
                     on_disk = False
+                else:  # durable: (record..., event_id, on_disk)
+                    if since is None and not item[7]:
+                        since = item[3]
+                    pair = self._encode(item, item[6])
+                    on_disk = on_disk and item[7]
                 events.append(pair)
                 nbytes += len(pair[1])
             self._inflight_since = since if since is not None else _now() - JOURNAL_AFTER_S / 2
@@ -2609,6 +2647,10 @@ class ExperimentReporter:
                 if len(item) == 3:
                     if not item[2]:
                         pairs.append((item[0], item[1]))
+                    continue
+                if len(item) == 8:
+                    if not item[7]:
+                        pairs.append(self._encode(item, item[6]))
                     continue
                 if item[5]:
                     self._bytes_out += item[5]
@@ -2712,9 +2754,9 @@ class ExperimentReporter:
         except IndexError:
             head = None
         if type(head) is tuple:
-            if len(head) == 6:
+            if len(head) == 6 or (len(head) == 8 and not head[7]):
                 oldest = head[3] if oldest is None else min(oldest, head[3])
-            elif not head[2]:
+            elif len(head) == 3 and not head[2]:
                 oldest = _now() - JOURNAL_AFTER_S if oldest is None else oldest
         return oldest
 
@@ -3160,6 +3202,57 @@ class ExperimentReporter:
 
 
 _ACKED = frozenset(("accepted", "deduplicated"))  # the per-event results that mean stored
+
+_marshal = None
+
+
+def _load_marshal() -> None:
+    global _marshal
+    import binascii
+    import marshal
+
+    _marshal = (marshal.dumps, marshal.loads, binascii.b2a_base64, binascii.a2b_base64)
+
+
+def _compact(record, event_id: str):
+    """Durable mode's journal line for ``record`` (bytes, with its newline): ``~`` and the
+    base64 of its marshal
+    (version 4, read by every Python 3). About a third of encoding it as JSON on the
+    caller's thread: floats are copied, not printed. A replay turns it back into the very
+    line the worker sends (_expand). None when marshal cannot take the data."""
+    if _marshal is None:
+        _load_marshal()
+    try:
+        raw = _marshal[0]((event_id, record[0], record[1], record[2], record[3], record[4]), 4)
+    except (ValueError, TypeError):  # nested too deep, or not a marshal type
+        return None
+    return b"~" + _marshal[2](raw)  # base64 ends with the newline
+
+
+def _expand(line: str, source: str):
+    """The encoded event of a compact line, or None when it is not one."""
+    if _marshal is None:
+        _load_marshal()
+    try:
+        event_id, etype, batch_id, job_id, ts, data = _marshal[1](_marshal[3](line[1:]))
+    except Exception:  # not base64, not marshal, not six fields
+        return None
+    if not (isinstance(event_id, str) and isinstance(etype, str) and isinstance(data, dict)):
+        return None
+    if not isinstance(ts, (int, float)) or not (job_id is None or isinstance(job_id, str)):
+        return None
+    head, tail = _envelope_parts(etype, batch_id, job_id, source)
+    return '{"event_id":"%s%s%s%s%s}' % (event_id, head, _format_ts(ts), tail, _encode_data(data))
+
+
+def _envelope_parts(etype: str, batch_id, job_id, source: str) -> tuple:
+    """An event's envelope around its timestamp and around its data (the line is
+    ``{"event_id":"<id>`` + head + timestamp + tail + data + ``}``)."""
+    return (
+        '","schema_version":"%s","event_type":"%s","timestamp":"' % (SCHEMA_VERSION, etype),
+        '","batch_id":%s,"job_id":%s,"source":%s,"data":'
+        % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
+    )
 
 
 def _line_id(line: str) -> str:

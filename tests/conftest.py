@@ -95,10 +95,33 @@ def spilled_events(directory) -> list:
     for path in sorted(Path(directory).glob("*.jsonl*")):
         if path.name.startswith(("deadletter", "pending-uploads")):
             continue
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.startswith('{"argus_spill"'):  # the destination header
-                events.append(json.loads(line))
+        for line in event_lines(path.read_text()):
+            events.append(json.loads(line))
     return events
+
+
+def event_lines(text: str) -> list:
+    """The event lines of a spill file's text: without the destination header, and with
+    durable mode's compact lines (``~`` + base64 of a marshal) turned back into the JSON
+    that a replay sends, by the SDK's own replay code, with the source from the header."""
+    import argus
+
+    source, lines = '{"project":"unknown"}', []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith('{"argus_spill"'):
+            try:
+                header = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(header.get("source"), dict):
+                source = json.dumps(header["source"], separators=(",", ":"))
+            continue
+        if line.startswith("~"):
+            line = argus._expand(line, source) or line
+        lines.append(line)
+    return lines
 
 
 def dead_letters(directory) -> list:
@@ -150,9 +173,7 @@ def on_disk(directory) -> dict:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError:  # renamed or replayed meanwhile
             continue
-        for line in text.splitlines():
-            if not line.strip() or "argus_spill" in line:
-                continue
+        for line in event_lines(text):
             try:
                 event = json.loads(line)
             except ValueError:

@@ -248,6 +248,39 @@ def test_durable_mode_loses_nothing_whose_call_returned_under_sigkill(server, fa
     assert [e["event_type"] for e in events.values() if e["event_type"] == "job_start"] == ["job_start"]
 
 
+def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same_events(fake, spill_dir, tmp_path):
+    """Durable mode journals a compact line per event (marshal, base64) on the caller's
+    thread. After SIGKILL, `argus sync` turns each back into the event the worker would have
+    sent, with the same event id: the server validates every one and stores each once."""
+    url = "http://127.0.0.1:%d" % free_port()  # down while the run lives
+    child = Child(KILL_LOOP % "0.0005", {"ARGUS_URL": url, "ARGUS_DURABLE": "1"}, tmp_path)
+    try:
+        _kill_after(child, tmp_path, 1.0)
+    finally:
+        child.kill()
+    returned = progress(tmp_path / "progress")
+    raw = "".join(p.read_text() for p in spill_dir.glob("*.jsonl*") if p.name.startswith("spill-"))
+    compact = [ln for ln in raw.splitlines() if ln.startswith("~")]
+    assert len(compact) >= len(returned) > 100  # the journal holds compact lines, not JSON
+    saved = on_disk(spill_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "argus", "sync", "--url", fake.url, "--retarget"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT), ARGUS_SPILL_DIR=str(spill_dir)),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = epochs(fake.events, "train")
+    line("durable journal replayed by sync", returned=len(returned), compact_lines=len(compact),
+         delivered=len(got), duplicates=fake.duplicates)
+    assert set(returned) <= set(got)
+    assert set(saved) <= set(fake.events)  # the ids on disk are the ids the server got
+    for event in fake.of_type("job_epoch")[:50]:
+        assert event["data"]["train_loss"] == 1.0 / (event["data"]["epoch"] + 1)  # floats kept exactly
+        assert event["source"]["project"] and event["batch_id"] == "kill-1"
+    assert fake.duplicates == 0
+    assert not on_disk(spill_dir)
+
+
 # ---------------------------------------------------------------------------------------
 # order after an outage
 # ---------------------------------------------------------------------------------------
