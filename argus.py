@@ -874,20 +874,20 @@ class SpillStore:
         ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
         if type(line) is bytes:
             data = line
-            with self._lock:
-                if self._fd is not None and not self._has_source:
-                    self.rotate()  # a compact line needs the source in its file's header
-                return self._journal(data, line)
-        return self._journal((line + "\n").encode("utf-8"), line)
-
-    def _journal(self, data: bytes, line) -> bool:
+        else:
+            data = (line + "\n").encode("utf-8")
         with self._lock:
-            if self._fd is None or self._total is None or self._total + len(data) > self.max_bytes:
+            fd = self._fd
+            if fd is not None and not self._has_source and type(line) is bytes:
+                self.rotate()  # a compact line needs the source in its file's header
+                fd = None
+            if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
                 if type(line) is bytes:
                     line = line[:-1].decode("ascii")
                 return self.append([line], rotate=False) == 1
             try:
-                _write_all(self._fd, data)
+                if os.write(fd, data) != len(data):  # a short write: the disk is full
+                    raise OSError(28, "short write to %s" % self._path)
             except OSError as exc:
                 self._failed(exc)
                 return False
