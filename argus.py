@@ -3241,22 +3241,22 @@ def _load_marshal() -> None:
     import binascii
     import marshal
 
-    _marshal = (marshal.dumps, marshal.loads, binascii.b2a_base64, binascii.a2b_base64)
+    _marshal = (marshal.dumps, marshal.loads, binascii.b2a_base64, binascii.a2b_base64, binascii.crc32)
 
 
 def _compact(record, event_id: str):
-    """Durable mode's journal line for ``record`` (bytes, with its newline): ``~`` and the
-    base64 of its marshal
-    (version 4, read by every Python 3). About a third of encoding it as JSON on the
-    caller's thread: floats are copied, not printed. A replay turns it back into the very
-    line the worker sends (_expand). None when marshal cannot take the data."""
+    """Durable mode's journal line for ``record`` (bytes, with its newline): ``~``, the
+    CRC-32 of its marshal (format 4, read by every Python 3) in hex, and the marshal in
+    base64. About a third of encoding it as JSON on the caller's thread: floats are
+    copied, not printed. A replay turns it back into the very line the worker sends
+    (_expand). None when marshal cannot take the data."""
     if _marshal is None:
         _load_marshal()
     try:
         raw = _marshal[0]((event_id, record[0], record[1], record[2], record[3], record[4]), 4)
     except (ValueError, TypeError):  # nested too deep, or not a marshal type
         return None
-    return b"~" + _marshal[2](raw)  # base64 ends with the newline
+    return b"~%08x%s" % (_marshal[4](raw), _marshal[2](raw))  # base64 ends with the newline
 
 
 def _expand(line: str, source: str):
@@ -3264,12 +3264,26 @@ def _expand(line: str, source: str):
     if _marshal is None:
         _load_marshal()
     try:
-        event_id, etype, batch_id, job_id, ts, data = _marshal[1](_marshal[3](line[1:]))
+        raw = _marshal[3](line[9:])
+        if _marshal[4](raw) != int(line[1:9], 16):
+            return None  # damaged (a short write on a full disk): marshal must never read
+            # it, a wrong count in it can make marshal allocate gigabytes
+        event_id, etype, batch_id, job_id, ts, data = _marshal[1](raw)
     except Exception:  # not base64, not marshal, not six fields
         return None
-    if not (isinstance(event_id, str) and isinstance(etype, str) and isinstance(data, dict)):
+    # What goes into the envelope unescaped must be what the SDK writes (a damaged line
+    # must not become a line that is not JSON).
+    if not (type(event_id) is str and len(event_id) == 36 and event_id.count("-") == 4):
         return None
-    if not isinstance(ts, (int, float)) or not (job_id is None or isinstance(job_id, str)):
+    if not (type(etype) is str and etype.isascii() and etype.replace("_", "").isalnum()):
+        return None
+    if not (isinstance(batch_id, str) and (job_id is None or isinstance(job_id, str))):
+        return None
+    if not (type(ts) in (int, float) and 0 <= ts < 1e11 and isinstance(data, dict)):
+        return None
+    try:
+        int(event_id.replace("-", ""), 16)
+    except ValueError:
         return None
     head, tail = _envelope_parts(etype, batch_id, job_id, source)
     return '{"event_id":"%s%s%s%s%s}' % (event_id, head, _format_ts(ts), tail, _encode_data(data))

@@ -281,6 +281,46 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     assert not on_disk(spill_dir)
 
 
+def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_marshal(fake, spill_dir):
+    """A compact journal line carries a CRC-32 of its marshal: a line cut short by a full
+    disk, or with flipped bytes, must not be handed to marshal (a wrong element count in a
+    marshal can make it allocate gigabytes) nor become an event that is not the one
+    written. The good lines around it are sent."""
+    def compact(i):
+        record = ("job_epoch", "damaged-1", "j", time.time(), {"epoch": i, "train_loss": 0.5}, 0)
+        return argus._compact(record, argus._uuid4()).decode().rstrip("\n")
+
+    good = [compact(i) for i in range(3)]
+    cut = compact(3)[:-7]
+    flipped = list(compact(4))
+    flipped[40] = "A" if flipped[40] != "A" else "B"
+    header = json.dumps({"argus_spill": 1, "url": fake.url, "token": None, "source": {"project": "p"}})
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    (spill_dir / "spill-00000000000000000001-1-abcdef.jsonl").write_text(
+        "\n".join([header, good[0], cut, good[1], "".join(flipped), good[2]]) + "\n")
+    assert argus.main(["sync", "--url", fake.url]) == 0
+    assert epochs(fake.events, "j") == [0, 1, 2]
+    letters = [json.loads(x) for x in (spill_dir / "deadletter.jsonl").read_text().splitlines()]
+    line("damaged compact lines", delivered=len(fake.events), dead_letters=len(letters))
+    assert len(letters) == 2
+
+
+def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
+    record = ("job_epoch", "b", "j", time.time(), {"epoch": 1}, 0)
+    text = argus._compact(record, argus._uuid4()).decode().rstrip("\n")
+    read = []
+    dumps, loads, *rest = argus._marshal
+    monkeypatch.setattr(argus, "_marshal", (dumps, lambda raw: read.append(raw) or loads(raw), *rest))
+    # a tuple that claims 2**30 elements: marshal would reserve 8 GB before failing
+    huge = b"(" + (2**30).to_bytes(4, "little")
+    forged = "~%08x%s" % (0, __import__("base64").b64encode(huge).decode())
+    for damaged in (text[:-5], text[:12] + ("A" if text[12] != "A" else "B") + text[13:], forged):
+        assert argus._expand(damaged, "{}") is None
+    assert read == []
+    assert json.loads(argus._expand(text, '{"project":"p"}'))["data"] == {"epoch": 1}
+    assert len(read) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # order after an outage
 # ---------------------------------------------------------------------------------------
