@@ -1772,6 +1772,11 @@ class ExperimentReporter:
     written to the spill store; from then on this run's events go through disk, in order,
     until the backlog is gone. What is on disk is re-sent when the server answers again (in
     this run), at the next start, or by ``argus sync``.
+
+    A thin facade: it owns the configuration, the queue (the deque, its bound and its byte
+    count, with the ``_slow``/``_idle`` flags that the hot path reads without a hop) and
+    value encoding; ``worker`` (_Worker), ``sender`` (_Sender) and ``replayer`` (_Replayer)
+    own the rest, and ``spill`` (SpillStore) the disk.
     """
 
     def __init__(
@@ -1829,27 +1834,20 @@ class ExperimentReporter:
             self.enabled and _worker and (_env_flag(ENV_DURABLE) if durable is None else durable)
         )
         self._qmax = max(1, int(queue_size))
-        self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
         self._records_uploads = _worker
         self.lost = 0  # events that could be neither delivered nor saved (queue full, disk refused)
-        self._state = _OPEN
-        self._refusing = False  # set while the last events are being saved at close
-        self._state_lock = threading.RLock()
-        self._closed_evt = threading.Event()
-        self._closer = None
-        self._batch_limit = MAX_BATCH_EVENTS
-        self._per_event_s = None  # the server's measured time per event (smoothed)
-        self._pace_gap = 0.0  # seconds between requests after 429s (shared by the daemons)
-        self._next_send = 0.0  # after 429s: no request before this (monotonic time)
-        self._linger_until = _mono() + LINGER_S  # the first request takes the first events along
-        self._pace_streak = 0  # answers without a 429 since the last one
-        self._sent_429 = 0
+        # The parts, each the one owner of its state; they reach each other through these.
+        worker, sender, replayer = _Worker(self), _Sender(self), _Replayer(self)
+        worker.sender, worker.replayer = sender, replayer
+        sender.worker, sender.replayer = worker, replayer
+        replayer.worker, replayer.sender = worker, sender
+        self.worker, self.sender, self.replayer = worker, sender, replayer
         self._reset_runtime()
         self._slow = not self.enabled  # True: _submit takes the careful path
         if self.enabled and _worker:
             _live.add(self)
             _prepare_process(self.url)
-            self._start()
+            self.worker._start()
 
     def _reset_runtime(self) -> None:
         """Queue, events, locks and thread state: built at start and again after a fork."""
@@ -1857,33 +1855,9 @@ class ExperimentReporter:
         self._bytes_in = 0
         self._bytes_out = 0
         self._idle = True
-        self._thread = None
-        self._guard = None
-        self._lock = threading.RLock()  # re-entrant: a signal handler may close mid-take
-        self._wake_evt = threading.Event()
-        self._stop_evt = threading.Event()
-        self._pause = threading.Event()  # never set: an uninterruptible wait while closing
-        self._transport = None
-        self._claim = None
-        self._inflight = None
-        self._inflight_since = 0.0
-        self._inflight_journaled = False
-        self._deferred = False  # the last live send was put off by a 429
-        self._drain_probe = False  # closing while backing off: one request, no retries
-        self._controls = 0  # uploads and flush markers queued: no lingering while one waits
-        self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
-        self._request_deadline = None
-        self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
-        self._journal_epoch = 0  # counts journal writes (a signal handler may write in between)
-        self._maintain_at = 0.0  # durable mode: when the journal is looked at next
-        self._disk_mode = False  # this run's events go through disk until the backlog is gone
-        self._abandoned = False
-        self._deadline = None
-        self._down_until = 0.0
-        self._fails = 0
-        self._auth_fails = 0
-        self._replay_due = None if self._offline else 0.0
-        self._last_activity = _mono()
+        self.worker._reset_runtime()
+        self.sender._reset_runtime()
+        self.replayer._reset_runtime()
 
     # -- the caller's side --------------------------------------------------------------
 
@@ -1893,11 +1867,16 @@ class ExperimentReporter:
 
     @property
     def transport_name(self) -> str:
-        return self._transport.name if self._transport is not None else _transport_name()
+        return self.sender._transport.name if self.sender._transport is not None else _transport_name()
+
+    @property
+    def delivered(self) -> int:
+        """Events the server acknowledged (accepted or deduplicated), counted by the sender."""
+        return self.sender.delivered
 
     @property
     def _closed(self) -> bool:
-        return self._state is not _OPEN
+        return self.worker._state is not _OPEN
 
     def _submit(self, etype: str, job_id, data: dict, size: int = 0, batch_id=None) -> None:
         if self._slow:
@@ -1920,7 +1899,7 @@ class ExperimentReporter:
     def _submit_slow(self, etype, job_id, data, size, batch_id) -> None:
         if not self.enabled:
             return
-        if self._state is _CLOSED or self._refusing:
+        if self.worker._state is _CLOSED or self.worker._refusing:
             return self._refuse(etype)
         for value in data.values():
             if type(value) not in _PLAIN_TYPES:
@@ -1944,7 +1923,7 @@ class ExperimentReporter:
         if spill.source is None:
             spill.source = self._source()
         line = None if self._offline else _compact(record, event_id)
-        with self._lock:
+        with self.worker._lock:
             if line is None:  # offline (the file is the delivery) or data marshal refuses
                 line = self._encode(record, event_id)[1]
                 on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
@@ -1954,7 +1933,7 @@ class ExperimentReporter:
                 # The worker encodes it (with this id) when it sends it.
                 self._queue.append(record + (event_id, on_disk))
             elif on_disk:
-                self._disk_mode = True
+                self.worker._disk_mode = True
             else:
                 self._lose(1)
         if self._idle:
@@ -1977,12 +1956,12 @@ class ExperimentReporter:
 
     def _overflow(self, record) -> None:
         """The queue is full: everything queued goes to disk, then this event, in order."""
-        if _mono() < self._disk_retry_at:  # the disk refused moments ago: no retry per call
+        if _mono() < self.worker._disk_retry_at:  # the disk refused moments ago: no retry per call
             return self._lose(1)
-        with self._lock:
-            if not self._journal_locked([record]):
+        with self.worker._lock:
+            if not self.worker._journal_locked([record]):
                 self._lose(1)
-        if self._idle and self._state is not _CLOSED:
+        if self._idle and self.worker._state is not _CLOSED:
             self._wake()
 
     def _lose(self, count: int, say: bool = False) -> None:
@@ -2003,30 +1982,14 @@ class ExperimentReporter:
 
     def _wake(self) -> None:
         self._idle = False
-        thread = self._thread
+        thread = self.worker._thread
         if thread is None or not thread.is_alive():
-            if self._state is not _OPEN:
+            if self.worker._state is not _OPEN:
                 return
             if thread is not None:
                 _log("error", "argus: the delivery worker had stopped; it is started again")
-            self._start()
-        self._wake_evt.set()
-
-    def _start(self) -> None:
-        thread = threading.Thread(target=self._run, name="argus-worker", daemon=True)
-        self._thread = thread
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutting down: events stay queued for close()
-            self._thread = None
-            return
-        if self._guard is None or not self._guard.is_alive():
-            guard = threading.Thread(target=self._guard_loop, name="argus-guard", daemon=True)
-            self._guard = guard
-            try:
-                guard.start()
-            except RuntimeError:
-                self._guard = None
+            self.worker._start()
+        self.worker._wake_evt.set()
 
     def _data(self, fields: dict) -> dict:
         return {k: v for k, v in fields.items() if v is not None}
@@ -2152,10 +2115,10 @@ class ExperimentReporter:
     def _uploads(self, uploads: list, wait: float | None = None) -> list:
         if not self.enabled:
             return [None] * len(uploads)
-        if self._state is not _OPEN:
+        if self.worker._state is not _OPEN:
             self._refuse("an upload of %s" % uploads[0].path)
             return [None] * len(uploads)
-        self._controls += len(uploads)
+        self.worker._controls += len(uploads)
         for upload in uploads:
             self._queue.append(upload)
         self._wake()
@@ -2169,11 +2132,11 @@ class ExperimentReporter:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event queued so far is delivered or on disk; False on timeout."""
-        if not self.enabled or self._state is not _OPEN:
+        if not self.enabled or self.worker._state is not _OPEN:
             return True
         try:
             marker = _Flush()
-            self._controls += 1
+            self.worker._controls += 1
             self._queue.append(marker)
             self._wake()
             return marker.done.wait(timeout)
@@ -2192,197 +2155,16 @@ class ExperimentReporter:
         KeyboardInterrupt during the drain cuts it short, saves the rest, and goes on.
         """
         try:
-            self._close(timeout)
+            self.worker._close(timeout)
         except KeyboardInterrupt:
-            self._finalize()
+            self.worker._finalize()
             raise
         except Exception as exc:
             _log("error", "argus: error while closing the sender: %r", exc)
             try:
-                self._finalize()
+                self.worker._finalize()
             except Exception:
                 pass
-
-    def _close(self, timeout: float) -> None:
-        me = threading.get_ident()
-        with self._state_lock:
-            state = self._state
-            if state is _CLOSED:
-                return
-            if not self.enabled:
-                self._state = _CLOSED
-                self._closed_evt.set()
-                return
-            wait = None
-            if state is _OPEN:
-                self._state = _DRAINING
-                self._closer = me
-                self._deadline = _mono() + max(0.0, float(timeout))
-                self._slow = True
-                if not self._up() and not self._offline:
-                    # Backing off from a server that did not answer: ask it once more before
-                    # the exit gives up on it (one request, no retries).
-                    self._drain_probe = True
-                    self._down_until = 0.0
-            elif self._closer != me:
-                wait = max(0.0, self._deadline - _mono()) + 1.0
-        if wait is not None:  # another thread drains: wait for it, within its deadline
-            self._closed_evt.wait(wait)
-            return
-        self._stop_evt.set()
-        self._wake_evt.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, self._deadline - _mono()) + 0.05)
-        self._finalize()
-
-    def _finalize(self) -> None:
-        """Put what is left on disk, in order; then CLOSED. Runs once; safe to call again."""
-        with self._state_lock:
-            if self._state is _CLOSED:
-                return
-            thread = self._thread
-            worker_alive = (
-                thread is not None and thread.is_alive() and thread is not threading.current_thread()
-            )
-            with self._lock:
-                if worker_alive:
-                    self._abandoned = True  # a worker still blocked in a request is not trusted
-                self._refusing = True  # from here on a new event is refused, with the log line
-                self._slow = True
-                saved = self._journal_locked(keep_controls=False)
-                if saved and self._queue:  # events another thread queued while we wrote
-                    saved = self._journal_locked(keep_controls=False)
-                if not saved:
-                    left = self._count_queued()
-                    if left and self.spill.at_cap:
-                        self.spill.refuse(left, say=True)
-                    elif left:
-                        self.lost += left
-                        _log(
-                            "error",
-                            "argus: %d event(s) could not be delivered nor saved to %s (disk refused)",
-                            left,
-                            self.spill.directory,
-                        )
-                    self._queue.clear()
-            claim, self._claim = (self._claim, None) if not worker_alive else (None, self._claim)
-            if claim is not None:
-                claim.release()
-            if self.durable and not self._disk_mode and not worker_alive:
-                self.spill.discard_open()  # every event in the journal was acknowledged
-            if self._acked and not worker_alive:
-                self._prune_acked()
-            self.spill.rotate()
-            if self.spill.summarise:
-                left = _left_behind.setdefault(self.spill.directory, [0, 0])
-                left[0] += self._own_events_on_disk()
-                left[1] += self.lost
-            self._state = _CLOSED
-            self._closed_evt.set()
-            _live.discard(self)
-            if worker_alive and self._transport is not None:
-                self._transport.abort()
-
-    def _prune_acked(self, final: bool = True) -> None:
-        """Take the events the server acknowledged after they were written out of this run's
-        closed files, so that no replay makes the server process them again. ``final``
-        (closing): the open file is closed first, and the acknowledgements are forgotten."""
-        if final:
-            self.spill.rotate()
-        skip = set()
-        while self._acked:
-            claim = self.spill.claim_next(skip=skip, own_only=True)
-            if claim is None:
-                break
-            skip.add(claim.path)
-            kept = []
-            for line in claim.lines:
-                event_id = _line_id(line)
-                if event_id in self._acked:
-                    self._acked.discard(event_id)
-                else:
-                    kept.append(line)
-            if len(kept) == len(claim.lines):
-                claim.release()
-            else:
-                claim.rewrite(kept)
-        if final:
-            self._acked.clear()
-
-    def _own_events_on_disk(self) -> int:
-        total = 0
-        for name in list(self.spill.own):
-            for suffix in (_SPILL_SUFFIX, _OPEN_SUFFIX):
-                path = os.path.join(self.spill.directory, name + suffix)
-                if os.path.exists(path):
-                    total += _file_events(path)[0]
-        return total
-
-    def _count_queued(self) -> int:
-        count = len([i for i in self._queue if type(i) is tuple])
-        if self._inflight and not self._inflight_journaled:
-            count += len(self._inflight)
-        return count
-
-    def _journal_locked(self, extra=(), keep_controls: bool = True) -> bool:
-        """Write the request in flight, the queue and ``extra`` records to disk, in order.
-
-        Called with ``self._lock`` held. The queue keeps its items until they are on disk: a
-        signal handler that closes the sender on this thread meanwhile finds them there.
-        Uploads and flush markers stay queued (or, when closing, are released). Returns True
-        when everything is on disk (the run is then in disk mode); otherwise what did not fit
-        stays in memory, encoded, in order, and False is returned.
-        """
-        inflight = self._inflight if self._inflight and not self._inflight_journaled else ()
-        queue = self._queue
-        items = list(queue)
-        epoch = self._journal_epoch
-        pairs = list(inflight)
-        encoded = []  # the queue's items with every event encoded (ids fixed from here on)
-        for item in items:
-            if type(item) is tuple:
-                if len(item) == 6:
-                    if item[5]:
-                        self._bytes_out += item[5]
-                    pair = self._encode(item)
-                    item = (pair[0], pair[1], False)
-                elif len(item) == 8:
-                    pair = self._encode(item, item[6])
-                    item = (pair[0], pair[1], item[7])
-                if not item[2]:
-                    pairs.append((item[0], item[1]))
-            encoded.append(item)
-        for record in extra:
-            pairs.append(self._encode(record))
-        written = self.spill.append([line for _, line in pairs]) if pairs else 0
-        if self._journal_epoch != epoch:
-            return True  # a signal handler on this thread journaled everything meanwhile
-        self._journal_epoch += 1
-        for _ in items:
-            queue.popleft()
-        if written >= len(inflight) and inflight:
-            self._inflight_journaled = True
-        if written:
-            self._disk_mode = True
-        skip = max(0, written - len(inflight))  # events of the queue that are now on disk
-        kept = []
-        for item in encoded:
-            if type(item) is tuple:
-                if item[2]:
-                    continue  # on disk already (durable): the replay sends it
-                if skip:
-                    skip -= 1
-                    continue
-            elif not keep_controls:
-                item.done.set()
-                continue
-            kept.append(item)
-        queue.extendleft(reversed(kept))
-        if written == len(pairs):
-            return True
-        self._disk_retry_at = _mono() + 5.0
-        return False
 
     def __enter__(self) -> ExperimentReporter:
         return self
@@ -2391,7 +2173,7 @@ class ExperimentReporter:
         self.close()
         return False
 
-    # -- the worker's side --------------------------------------------------------------
+    # -- value encoding (on the worker's thread; the CLI's too) ---------------------------
 
     def _source(self) -> str:
         text = self._source_json
@@ -2446,8 +2228,262 @@ class ExperimentReporter:
         envelope = self._envelopes[(etype, batch_id, job_id)] = _envelope_parts(etype, batch_id, job_id, source)
         return envelope
 
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's queue, locks and threads; start fresh on use."""
+        claim = self.replayer._claim
+        if claim is not None:
+            claim._close()  # the parent keeps its claim; only this copy of the fd goes
+        self._reset_runtime()
+        self.replayer._replay_due = None  # the parent replays; the child only sends its own events
+        self.spill.after_fork()
+        self.worker._state_lock = threading.RLock()
+        self.worker._closed_evt = threading.Event()
+        if self.worker._state is not _OPEN:
+            self.worker._state = _CLOSED
+            self.worker._closed_evt.set()
+        else:
+            _live.add(self)
+        self._slow = not self.enabled or self.worker._state is not _OPEN
+
+
+class _Worker:
+    """The delivery worker of one ExperimentReporter.
+
+    Owns the worker thread and the guard thread; the lifecycle state OPEN -> DRAINING ->
+    CLOSED, changed under ``_state_lock`` (with the close deadline, the closer and the
+    closed event); ``_lock`` over the queue, the request in flight and the journal; disk
+    mode and what the disk refused; the acknowledgements of events already on disk. It
+    takes from the facade's queue, has the sender deliver, writes to the spill store what
+    the server does not take in time, and has the replayer send it when the server answers.
+    """
+
+    def __init__(self, facade: ExperimentReporter):
+        self.facade = facade
+        self.sender = self.replayer = None  # siblings: set by the facade once all parts exist
+        self._state = _OPEN
+        self._refusing = False  # set while the last events are being saved at close
+        self._state_lock = threading.RLock()
+        self._closed_evt = threading.Event()
+        self._closer = None
+
+    def _reset_runtime(self) -> None:
+        """Threads, locks, the request in flight, disk mode: at start and after a fork."""
+        self._thread = None
+        self._guard = None
+        self._lock = threading.RLock()  # re-entrant: a signal handler may close mid-take
+        self._wake_evt = threading.Event()
+        self._stop_evt = threading.Event()
+        self._inflight = None
+        self._inflight_since = 0.0
+        self._inflight_journaled = False
+        self._controls = 0  # uploads and flush markers queued: no lingering while one waits
+        self._disk_retry_at = 0.0  # after the disk refused a write, try it again from then
+        self._acked = set()  # ids acknowledged after they were written to disk: replay skips them
+        self._journal_epoch = 0  # counts journal writes (a signal handler may write in between)
+        self._maintain_at = 0.0  # durable mode: when the journal is looked at next
+        self._disk_mode = False  # this run's events go through disk until the backlog is gone
+        self._abandoned = False
+        self._deadline = None
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, name="argus-worker", daemon=True)
+        self._thread = thread
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: events stay queued for close()
+            self._thread = None
+            return
+        if self._guard is None or not self._guard.is_alive():
+            guard = threading.Thread(target=self._guard_loop, name="argus-guard", daemon=True)
+            self._guard = guard
+            try:
+                guard.start()
+            except RuntimeError:
+                self._guard = None
+
+    def _close(self, timeout: float) -> None:
+        me = threading.get_ident()
+        with self._state_lock:
+            state = self._state
+            if state is _CLOSED:
+                return
+            if not self.facade.enabled:
+                self._state = _CLOSED
+                self._closed_evt.set()
+                return
+            wait = None
+            if state is _OPEN:
+                self._state = _DRAINING
+                self._closer = me
+                self._deadline = _mono() + max(0.0, float(timeout))
+                self.facade._slow = True
+                if not self.sender._up() and not self.facade._offline:
+                    # Backing off from a server that did not answer: ask it once more before
+                    # the exit gives up on it (one request, no retries).
+                    self.sender._drain_probe = True
+                    self.sender._down_until = 0.0
+            elif self._closer != me:
+                wait = max(0.0, self._deadline - _mono()) + 1.0
+        if wait is not None:  # another thread drains: wait for it, within its deadline
+            self._closed_evt.wait(wait)
+            return
+        self._stop_evt.set()
+        self._wake_evt.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, self._deadline - _mono()) + 0.05)
+        self._finalize()
+
+    def _finalize(self) -> None:
+        """Put what is left on disk, in order; then CLOSED. Runs once; safe to call again."""
+        with self._state_lock:
+            if self._state is _CLOSED:
+                return
+            thread = self._thread
+            worker_alive = (
+                thread is not None and thread.is_alive() and thread is not threading.current_thread()
+            )
+            with self._lock:
+                if worker_alive:
+                    self._abandoned = True  # a worker still blocked in a request is not trusted
+                self._refusing = True  # from here on a new event is refused, with the log line
+                self.facade._slow = True
+                saved = self._journal_locked(keep_controls=False)
+                if saved and self.facade._queue:  # events another thread queued while we wrote
+                    saved = self._journal_locked(keep_controls=False)
+                if not saved:
+                    left = self._count_queued()
+                    if left and self.facade.spill.at_cap:
+                        self.facade.spill.refuse(left, say=True)
+                    elif left:
+                        self.facade.lost += left
+                        _log(
+                            "error",
+                            "argus: %d event(s) could not be delivered nor saved to %s (disk refused)",
+                            left,
+                            self.facade.spill.directory,
+                        )
+                    self.facade._queue.clear()
+            claim, self.replayer._claim = (self.replayer._claim, None) if not worker_alive else (None, self.replayer._claim)
+            if claim is not None:
+                claim.release()
+            if self.facade.durable and not self._disk_mode and not worker_alive:
+                self.facade.spill.discard_open()  # every event in the journal was acknowledged
+            if self._acked and not worker_alive:
+                self._prune_acked()
+            self.facade.spill.rotate()
+            if self.facade.spill.summarise:
+                left = _left_behind.setdefault(self.facade.spill.directory, [0, 0])
+                left[0] += self._own_events_on_disk()
+                left[1] += self.facade.lost
+            self._state = _CLOSED
+            self._closed_evt.set()
+            _live.discard(self.facade)
+            if worker_alive and self.sender._transport is not None:
+                self.sender._transport.abort()
+
+    def _prune_acked(self, final: bool = True) -> None:
+        """Take the events the server acknowledged after they were written out of this run's
+        closed files, so that no replay makes the server process them again. ``final``
+        (closing): the open file is closed first, and the acknowledgements are forgotten."""
+        if final:
+            self.facade.spill.rotate()
+        skip = set()
+        while self._acked:
+            claim = self.facade.spill.claim_next(skip=skip, own_only=True)
+            if claim is None:
+                break
+            skip.add(claim.path)
+            kept = []
+            for line in claim.lines:
+                event_id = _line_id(line)
+                if event_id in self._acked:
+                    self._acked.discard(event_id)
+                else:
+                    kept.append(line)
+            if len(kept) == len(claim.lines):
+                claim.release()
+            else:
+                claim.rewrite(kept)
+        if final:
+            self._acked.clear()
+
+    def _own_events_on_disk(self) -> int:
+        total = 0
+        for name in list(self.facade.spill.own):
+            for suffix in (_SPILL_SUFFIX, _OPEN_SUFFIX):
+                path = os.path.join(self.facade.spill.directory, name + suffix)
+                if os.path.exists(path):
+                    total += _file_events(path)[0]
+        return total
+
+    def _count_queued(self) -> int:
+        count = len([i for i in self.facade._queue if type(i) is tuple])
+        if self._inflight and not self._inflight_journaled:
+            count += len(self._inflight)
+        return count
+
+    def _journal_locked(self, extra=(), keep_controls: bool = True) -> bool:
+        """Write the request in flight, the queue and ``extra`` records to disk, in order.
+
+        Called with ``self._lock`` held. The queue keeps its items until they are on disk: a
+        signal handler that closes the sender on this thread meanwhile finds them there.
+        Uploads and flush markers stay queued (or, when closing, are released). Returns True
+        when everything is on disk (the run is then in disk mode); otherwise what did not fit
+        stays in memory, encoded, in order, and False is returned.
+        """
+        inflight = self._inflight if self._inflight and not self._inflight_journaled else ()
+        queue = self.facade._queue
+        items = list(queue)
+        epoch = self._journal_epoch
+        pairs = list(inflight)
+        encoded = []  # the queue's items with every event encoded (ids fixed from here on)
+        for item in items:
+            if type(item) is tuple:
+                if len(item) == 6:
+                    if item[5]:
+                        self.facade._bytes_out += item[5]
+                    pair = self.facade._encode(item)
+                    item = (pair[0], pair[1], False)
+                elif len(item) == 8:
+                    pair = self.facade._encode(item, item[6])
+                    item = (pair[0], pair[1], item[7])
+                if not item[2]:
+                    pairs.append((item[0], item[1]))
+            encoded.append(item)
+        for record in extra:
+            pairs.append(self.facade._encode(record))
+        written = self.facade.spill.append([line for _, line in pairs]) if pairs else 0
+        if self._journal_epoch != epoch:
+            return True  # a signal handler on this thread journaled everything meanwhile
+        self._journal_epoch += 1
+        for _ in items:
+            queue.popleft()
+        if written >= len(inflight) and inflight:
+            self._inflight_journaled = True
+        if written:
+            self._disk_mode = True
+        skip = max(0, written - len(inflight))  # events of the queue that are now on disk
+        kept = []
+        for item in encoded:
+            if type(item) is tuple:
+                if item[2]:
+                    continue  # on disk already (durable): the replay sends it
+                if skip:
+                    skip -= 1
+                    continue
+            elif not keep_controls:
+                item.done.set()
+                continue
+            kept.append(item)
+        queue.extendleft(reversed(kept))
+        if written == len(pairs):
+            return True
+        self._disk_retry_at = _mono() + 5.0
+        return False
+
     def _run(self) -> None:
-        _worker_imports(self.url)
+        _worker_imports(self.facade.url)
         while True:
             try:
                 self._loop()
@@ -2458,31 +2494,31 @@ class ExperimentReporter:
                     pairs, self._inflight = self._inflight, None
                     journaled, self._inflight_journaled = self._inflight_journaled, False
                     if pairs and not journaled and not self._abandoned:
-                        self._queue.extendleft(reversed([(i, ln, False) for i, ln in pairs]))
-                if self._claim is not None:
-                    claim, self._claim = self._claim, None
+                        self.facade._queue.extendleft(reversed([(i, ln, False) for i, ln in pairs]))
+                if self.replayer._claim is not None:
+                    claim, self.replayer._claim = self.replayer._claim, None
                     claim.release()
                 if self._stop_evt.wait(0.5) and self._state is not _DRAINING:
                     return
             finally:
                 if self._abandoned or self._state is not _OPEN:
-                    claim, self._claim = self._claim, None
+                    claim, self.replayer._claim = self.replayer._claim, None
                     if claim is not None and not self._abandoned:
                         claim.release()
-                    if self._transport is not None:
-                        self._transport.close()
+                    if self.sender._transport is not None:
+                        self.sender._transport.close()
 
     def _loop(self) -> None:
         while not self._abandoned:
             if self._deadline is not None and _mono() >= self._deadline:
                 return  # closing, out of time: close() saves what is left
-            if self.durable:
+            if self.facade.durable:
                 self._maintain_journal()
             if self._disk_mode:
                 if self._disk_step():
                     continue
-            elif self._queue and (self._up() or self._offline or _mono() >= self._disk_retry_at):
-                if self._pacing():
+            elif self.facade._queue and (self.sender._up() or self.facade._offline or _mono() >= self._disk_retry_at):
+                if self.sender._pacing():
                     continue  # a shared token: let more pile up for the next request
                 events, control = self._take()
                 if events:
@@ -2492,19 +2528,19 @@ class ExperimentReporter:
                 continue
             if self._state is not _OPEN:
                 return  # draining: nothing left that the server takes now
-            if self._replay_due is not None and _mono() >= max(self._replay_due, self._down_until):
-                self._replay_step()
+            if self.replayer._replay_due is not None and _mono() >= max(self.replayer._replay_due, self.sender._down_until):
+                self.replayer._replay_step()
                 continue
             self._wait()
 
     def _wait(self) -> None:
         # In disk mode the caller does not wake the worker for each event: what queues is
         # written to disk in batches (here, or by the guard) while the server catches up.
-        self._idle = not self._disk_mode
-        if not self._queue or self._disk_mode:
+        self.facade._idle = not self._disk_mode
+        if not self.facade._queue or self._disk_mode:
             self._wake_evt.wait(self._idle_wait())
             self._wake_evt.clear()
-        self._idle = False
+        self.facade._idle = False
 
     def _maintain_journal(self) -> None:
         """Durable mode: the journal rotates like any spill file, at most every rotate_s;
@@ -2512,60 +2548,39 @@ class ExperimentReporter:
         now = _mono()
         if now < self._maintain_at:
             return
-        self._maintain_at = now + min(5.0, max(0.5, self.spill.rotate_s))
+        self._maintain_at = now + min(5.0, max(0.5, self.facade.spill.rotate_s))
         with self._lock:
-            if self._disk_mode or not self.spill.has_open_data():
+            if self._disk_mode or not self.facade.spill.has_open_data():
                 return
-            if now - self.spill._opened < self.spill.rotate_s and self.spill._written < _SPILL_ROTATE_BYTES:
+            if now - self.facade.spill._opened < self.facade.spill.rotate_s and self.facade.spill._written < _SPILL_ROTATE_BYTES:
                 return
-            if not self._queue and not self._inflight:
-                self.spill.discard_open()  # every event in it was acknowledged
+            if not self.facade._queue and not self._inflight:
+                self.facade.spill.discard_open()  # every event in it was acknowledged
             else:
-                self.spill.rotate()
+                self.facade.spill.rotate()
         self._prune_acked(final=False)
         with self._lock:
-            if not self._disk_mode and not self.spill.own_backlog() and not self.spill.has_open_data():
+            if not self._disk_mode and not self.facade.spill.own_backlog() and not self.facade.spill.has_open_data():
                 self._acked.clear()  # nothing of this run is on disk: nothing left to skip
 
     def _idle_wait(self) -> float:
         if self._disk_mode:
-            if self._offline:
+            if self.facade._offline:
                 return 0.5
-            return min(0.5, max(0.005, self._down_until - _mono()))
-        if self._queue and not self._up():
-            return min(1.0, max(0.005, self._down_until - _mono()))
-        if self._replay_due is None:
+            return min(0.5, max(0.005, self.sender._down_until - _mono()))
+        if self.facade._queue and not self.sender._up():
+            return min(1.0, max(0.005, self.sender._down_until - _mono()))
+        if self.replayer._replay_due is None:
             return 1.0
-        return min(1.0, max(0.005, max(self._replay_due, self._down_until) - _mono()))
-
-    def _pacing(self) -> bool:
-        """Wait out the linger (and, after 429s, the pacing gap) before taking what to send,
-        so that what queues meanwhile leaves in the same request: a token's request budget
-        is shared by every process that uses it. A full batch, a flush or an upload waiting,
-        or closing, does not wait. True when it waited (the caller loops)."""
-        if self._state is not _OPEN or self._controls or self._offline:
-            return False
-        if self._disk_mode:  # the backlog on disk is what leaves: only 429s hold it back
-            gap = self._next_send - _mono()
-        else:
-            if len(self._queue) >= self._batch_limit:
-                return False
-            gap = max(self._next_send, self._linger_until) - _mono()
-        if gap <= 0:
-            return False
-        self._idle = False
-        self._stop_evt.wait(min(gap, 0.25))
-        if self._disk_mode:
-            self._queue_to_disk()
-        return True
+        return min(1.0, max(0.005, max(self.replayer._replay_due, self.sender._down_until) - _mono()))
 
     def _take(self) -> tuple:
         events, control, nbytes, on_disk = [], None, 0, True
-        limit = self._batch_limit
+        limit = self.sender._batch_limit
         with self._lock:
             if self._abandoned:
                 return [], None
-            queue = self._queue
+            queue = self.facade._queue
             since = None
             while queue and len(events) < limit and nbytes < MAX_BATCH_BYTES:
                 item = queue.popleft()
@@ -2577,15 +2592,15 @@ class ExperimentReporter:
                     on_disk = on_disk and item[2]
                 elif len(item) == 6:
                     if item[5]:
-                        self._bytes_out += item[5]
+                        self.facade._bytes_out += item[5]
                     if since is None:
                         since = item[3]
-                    pair = self._encode(item)
+                    pair = self.facade._encode(item)
                     on_disk = False
                 else:  # durable: (record..., event_id, on_disk)
                     if since is None and not item[7]:
                         since = item[3]
-                    pair = self._encode(item, item[6])
+                    pair = self.facade._encode(item, item[6])
                     on_disk = on_disk and item[7]
                 events.append(pair)
                 nbytes += len(pair[1])
@@ -2594,24 +2609,21 @@ class ExperimentReporter:
             self._inflight_journaled = bool(events) and on_disk
         return events, control
 
-    def _up(self) -> bool:
-        return _mono() >= self._down_until
-
     def _deliver(self, events: list) -> None:
-        self._deferred = False
-        if self._offline or not self._up():
+        self.sender._deferred = False
+        if self.facade._offline or not self.sender._up():
             unsent = events
         else:
-            unsent = self._send(events, RETRY_ATTEMPTS)
+            unsent = self.sender._send(events, RETRY_ATTEMPTS)
         with self._lock:
             journaled = self._inflight_journaled
             self._inflight = None
             self._inflight_journaled = False
             if self._abandoned:
                 return
-            if self._deferred and unsent and not journaled:
+            if self.sender._deferred and unsent and not journaled:
                 # A 429: these go first in the next request, with what queued meanwhile.
-                self._queue.extendleft(reversed([(i, ln, False) for i, ln in unsent]))
+                self.facade._queue.extendleft(reversed([(i, ln, False) for i, ln in unsent]))
                 return
             if journaled:  # on disk already: remember what was acknowledged, replay skips it
                 if unsent:
@@ -2626,48 +2638,48 @@ class ExperimentReporter:
 
     def _save(self, pairs: list) -> None:
         """Undelivered events: to disk (disk mode), or back into memory what the disk refuses."""
-        written = self.spill.append([line for _, line in pairs])
+        written = self.facade.spill.append([line for _, line in pairs])
         if written:
             self._disk_mode = True
-            if not self._offline and self._replay_due is None:
-                self._replay_due = self._down_until
+            if not self.facade._offline and self.replayer._replay_due is None:
+                self.replayer._replay_due = self.sender._down_until
         if written == len(pairs):
             return
         self._disk_retry_at = _mono() + 5.0
         rest = pairs[written:]
-        room = self._qmax - len(self._queue)
+        room = self.facade._qmax - len(self.facade._queue)
         keep = rest[: max(0, room)]
         if len(keep) < len(rest):
-            self._lose(len(rest) - len(keep))
-        self._queue.extendleft(reversed([(i, ln, False) for i, ln in keep]))
+            self.facade._lose(len(rest) - len(keep))
+        self.facade._queue.extendleft(reversed([(i, ln, False) for i, ln in keep]))
 
     def _disk_step(self) -> bool:
         """One step of disk mode; False when there is nothing to do until the server answers."""
         control = self._queue_to_disk()
         if control is not None:
-            if self._up() and not self._offline:
-                self._replay_own(until_empty=True)
+            if self.sender._up() and not self.facade._offline:
+                self.replayer._replay_own(until_empty=True)
             self._control(control)
             return True
-        if self._offline or not self._up():
+        if self.facade._offline or not self.sender._up():
             if self._state is not _OPEN:
                 return False
             self._wait()
             return True
-        if self._pacing():
+        if self.sender._pacing():
             return True
-        if self._replay_own():
+        if self.replayer._replay_own():
             return True
         with self._lock:
-            if not self._queue and not self.spill.own_backlog():
+            if not self.facade._queue and not self.facade.spill.own_backlog():
                 self._disk_mode = False  # the backlog is gone: live events go straight out
                 return True
-        return bool(self._queue)
+        return bool(self.facade._queue)
 
     def _queue_to_disk(self):
         """Move queued events up to the first upload or flush marker to disk; return it."""
         with self._lock:
-            queue = self._queue
+            queue = self.facade._queue
             pairs, control = [], None
             while queue:
                 item = queue.popleft()
@@ -2680,74 +2692,21 @@ class ExperimentReporter:
                     continue
                 if len(item) == 8:
                     if not item[7]:
-                        pairs.append(self._encode(item, item[6]))
+                        pairs.append(self.facade._encode(item, item[6]))
                     continue
                 if item[5]:
-                    self._bytes_out += item[5]
-                pairs.append(self._encode(item))
-            written = self.spill.append([line for _, line in pairs]) if pairs else 0
+                    self.facade._bytes_out += item[5]
+                pairs.append(self.facade._encode(item))
+            written = self.facade.spill.append([line for _, line in pairs]) if pairs else 0
             if written < len(pairs):
                 # What does not fit stays in memory, in order. With a backlog of this run on
                 # disk, replaying it makes room; without one, memory sends them directly. A
                 # flush or upload behind them goes on: they are as safe as they can be.
                 queue.extendleft(reversed([(i, ln, False) for i, ln in pairs[written:]]))
                 self._disk_retry_at = _mono() + 5.0
-                if not self.spill.own_backlog():
+                if not self.facade.spill.own_backlog():
                     self._disk_mode = False
             return control
-
-    def _replay_own(self, until_empty: bool = False) -> bool:
-        """Send chunks of this run's spilled events, oldest first; False when there are none."""
-        sent_any = False
-        while not self._abandoned:
-            outcome = self._replay_once(own_only=True)
-            if outcome == "empty":
-                return sent_any
-            if outcome == "file done":
-                continue
-            sent_any = True
-            if outcome == "unsent" or not until_empty:
-                return True
-            if self._queue and type(self._queue[0]) is tuple:
-                self._queue_to_disk()
-        return sent_any
-
-    def _replay_step(self) -> None:
-        """Re-send one chunk of an older spill file for this server (another run's backlog)."""
-        outcome = self._replay_once(match=self._for_us)
-        if outcome == "empty":
-            self._replay_due = None
-        elif outcome == "unsent" and self._up():  # answered, but some need another try later
-            self._replay_due = _mono() + RETRY_MAX_S
-
-    def _replay_once(self, attempts: int = 1, **claim_args) -> str:
-        """The replayer, for the worker and for ``argus sync``: one chunk of the claimed spill
-        file (claiming the next one first, with ``claim_args`` for SpillStore.claim_next).
-
-        Returns "empty" (nothing to claim), "file done", "sent" or "unsent" (the server did
-        not take the chunk: the file is given back with it).
-        """
-        claim = self._claim
-        if claim is None:
-            self.spill.rotate()
-            claim = self._claim = self.spill.claim_next(**claim_args)
-            if claim is None:
-                return "empty"
-        pairs = claim.next_chunk(self._batch_limit, self._acked)
-        if not pairs:
-            claim.done()
-            self._claim = None
-            return "file done"
-        unsent = self._send(pairs, attempts)
-        if unsent:
-            claim.release([line for _, line in unsent])
-            self._claim = None
-            return "unsent"
-        return "sent"
-
-    def _for_us(self, claim) -> bool:
-        """A spill file for this server (or for any: written without a URL, or by 0.2.0)."""
-        return claim.destination is None or _same_url(claim.destination, self.url)
 
     def _guard_loop(self) -> None:
         """Every quarter second: no unacknowledged event in memory only for over a second,
@@ -2762,10 +2721,10 @@ class ExperimentReporter:
                 _log_once("guard:%d" % id(self), "error", "argus: the spill guard hit an error: %r", exc)
 
     def _guard_tick(self) -> None:
-        deadline = self._request_deadline
-        if deadline is not None and _mono() > deadline and self._transport is not None:
-            self._transport.abort()
-        if self._offline or _mono() < self._disk_retry_at:
+        deadline = self.sender._request_deadline
+        if deadline is not None and _mono() > deadline and self.sender._transport is not None:
+            self.sender._transport.abort()
+        if self.facade._offline or _mono() < self._disk_retry_at:
             return
         oldest = self._oldest_unacked()
         if oldest is not None and _now() - oldest >= JOURNAL_AFTER_S:
@@ -2778,7 +2737,7 @@ class ExperimentReporter:
         oldest = None
         if self._inflight and not self._inflight_journaled:
             oldest = self._inflight_since
-        queue = self._queue
+        queue = self.facade._queue
         try:
             head = queue[0] if queue else None
         except IndexError:
@@ -2790,30 +2749,112 @@ class ExperimentReporter:
                 oldest = _now() - JOURNAL_AFTER_S if oldest is None else oldest
         return oldest
 
+    # -- uploads and flush markers, in queue order ---------------------------------------
+
+    def _control(self, control) -> None:
+        self._controls = max(0, self._controls - 1)
+        if type(control) is _Upload:
+            # Events spilled during an outage were queued before this upload (its job_start
+            # may be among them): re-send what is due before the file leaves.
+            if self._disk_mode and self.sender._up() and not self.facade._offline:
+                self.replayer._replay_own(until_empty=True)
+            while (
+                self.replayer._replay_due is not None
+                and not self._abandoned
+                and _mono() >= max(self.replayer._replay_due, self.sender._down_until)
+            ):
+                self.replayer._replay_step()
+            try:
+                control.result = self.sender._upload(control)
+            except Exception as exc:
+                _log("error", "argus: upload of %s failed: %r", control.path, exc)
+        elif self._disk_mode and self.sender._up() and not self.facade._offline:
+            self.replayer._replay_own(until_empty=True)
+        control.done.set()
+
+
+class _Sender:
+    """One request to the server and its answer, read per event; the pacing between requests.
+
+    Owns the transport, the request deadline, the batch size and pacing (linger, 429 gaps),
+    the server's up/down state (failures, back-off) and the count of events the server
+    acknowledged (``delivered``). Uploads are requests too: they go through here.
+    """
+
+    def __init__(self, facade: ExperimentReporter):
+        self.facade = facade
+        self.worker = self.replayer = None  # siblings: set by the facade once all parts exist
+        self.delivered = 0  # events the server acknowledged (accepted or deduplicated)
+        self._batch_limit = MAX_BATCH_EVENTS
+        self._per_event_s = None  # the server's measured time per event (smoothed)
+        self._pace_gap = 0.0  # seconds between requests after 429s (shared by the daemons)
+        self._next_send = 0.0  # after 429s: no request before this (monotonic time)
+        self._linger_until = _mono() + LINGER_S  # the first request takes the first events along
+        self._pace_streak = 0  # answers without a 429 since the last one
+        self._sent_429 = 0
+
+    def _reset_runtime(self) -> None:
+        """The transport and the server's state as this process saw it: at start and after a fork."""
+        self._pause = threading.Event()  # never set: an uninterruptible wait while closing
+        self._transport = None
+        self._deferred = False  # the last live send was put off by a 429
+        self._drain_probe = False  # closing while backing off: one request, no retries
+        self._request_deadline = None
+        self._down_until = 0.0
+        self._fails = 0
+        self._auth_fails = 0
+        self._last_activity = _mono()
+
+    # -- pacing: when the next request may leave ------------------------------------------
+
+    def _pacing(self) -> bool:
+        """Wait out the linger (and, after 429s, the pacing gap) before taking what to send,
+        so that what queues meanwhile leaves in the same request: a token's request budget
+        is shared by every process that uses it. A full batch, a flush or an upload waiting,
+        or closing, does not wait. True when it waited (the caller loops)."""
+        if self.worker._state is not _OPEN or self.worker._controls or self.facade._offline:
+            return False
+        if self.worker._disk_mode:  # the backlog on disk is what leaves: only 429s hold it back
+            gap = self._next_send - _mono()
+        else:
+            if len(self.facade._queue) >= self._batch_limit:
+                return False
+            gap = max(self._next_send, self._linger_until) - _mono()
+        if gap <= 0:
+            return False
+        self.facade._idle = False
+        self.worker._stop_evt.wait(min(gap, 0.25))
+        if self.worker._disk_mode:
+            self.worker._queue_to_disk()
+        return True
+
+    def _up(self) -> bool:
+        return _mono() >= self._down_until
+
     # -- one request and its answer ---------------------------------------------------
 
     def _get_transport(self):
         if self._transport is None:
-            self._transport = _make_transport(self.url, self._token)
+            self._transport = _make_transport(self.facade.url, self.facade._token)
         return self._transport
 
     def _request_timeout(self, n_events: int = 1):
         """A timeout that grows with what the request carries; None when past the deadline."""
         per_event = self._per_event_s if self._per_event_s is not None else 0.008
-        timeout = min(REQUEST_TIMEOUT_MAX_S, max(self.timeout, 3.0 + 4.0 * per_event * n_events))
-        if self._deadline is None:
+        timeout = min(REQUEST_TIMEOUT_MAX_S, max(self.facade.timeout, 3.0 + 4.0 * per_event * n_events))
+        if self.worker._deadline is None:
             return timeout
-        left = self._deadline - _mono()
+        left = self.worker._deadline - _mono()
         return min(timeout, left) if left > 0.01 else None
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; False when that would pass the close deadline (the caller spills)."""
-        if self._state is not _OPEN:
-            if self._deadline is None or _mono() + seconds > self._deadline:
+        if self.worker._state is not _OPEN:
+            if self.worker._deadline is None or _mono() + seconds > self.worker._deadline:
                 return False
             self._pause.wait(seconds)
             return True
-        self._stop_evt.wait(seconds)  # close() cuts the wait short
+        self.worker._stop_evt.wait(seconds)  # close() cuts the wait short
         return True
 
     def _send(self, pairs: list, attempts: int) -> list:
@@ -2877,24 +2918,24 @@ class ExperimentReporter:
                     continue
                 problem = odd
                 _log_once(
-                    "odd:%s:%s" % (self.url, path),
+                    "odd:%s:%s" % (self.facade.url, path),
                     "error",
                     "argus: %s answered %d to %s with %s; the events count as not delivered and "
                     "are kept. Is %s the Argus server itself (not a proxy or a login page)?",
-                    self.url,
+                    self.facade.url,
                     status,
                     path,
                     odd,
-                    self.url,
+                    self.facade.url,
                 )
             elif status is not None and 300 <= status < 400:
                 _log_once(
-                    "redirect:%s" % self.url,
+                    "redirect:%s" % self.facade.url,
                     "error",
                     "argus: %s redirects (%d to %s); redirects are not followed (a POST could "
                     "become a GET, and the token must not go elsewhere). Set %s to the final "
                     "URL. Events are kept.",
-                    self.url,
+                    self.facade.url,
                     status,
                     headers.get("location", "?"),
                     ENV_URL,
@@ -2903,16 +2944,16 @@ class ExperimentReporter:
                 return pairs
             elif status == 429:
                 self._paced(_retry_after(headers, 1.0))
-                if self._state is _OPEN and self._inflight is not None:
+                if self.worker._state is _OPEN and self.worker._inflight is not None:
                     self._deferred = True
                     return pairs  # live: what queued meanwhile leaves with these, next request
                 continue
             elif status == 415:
-                self.spill.dead_letter([(p[1], status, _error_text(data)) for p in pairs])
+                self.facade.spill.dead_letter([(p[1], status, _error_text(data)) for p in pairs])
                 return []
             elif status in (400, 413, 422):
                 if single:
-                    self.spill.dead_letter([(pairs[0][1], status, _error_text(data))])
+                    self.facade.spill.dead_letter([(pairs[0][1], status, _error_text(data))])
                     return []
                 half = len(pairs) // 2  # isolate the bad events so that the good ones still go
                 return self._send(pairs[:half], attempts) + self._send(pairs[half:], attempts)
@@ -2937,9 +2978,9 @@ class ExperimentReporter:
         """The batch size for the next request. While closing, only what the server can
         answer before the deadline: a request given up on is work the server does for nobody."""
         limit = self._batch_limit
-        if self._deadline is None or self._per_event_s is None:
+        if self.worker._deadline is None or self._per_event_s is None:
             return limit
-        left = self._deadline - _mono() - 0.2
+        left = self.worker._deadline - _mono() - 0.2
         return min(limit, int(left / (self._per_event_s * 1.5 + 1e-9)))
 
     def _measured(self, n_events: int, elapsed: float) -> None:
@@ -2972,8 +3013,8 @@ class ExperimentReporter:
         # shares it: waiting exactly that long makes them all collide again. Wait a multiple,
         # doubled on each 429, spread out at random.
         self._pace_gap = min(PACE_MAX_S, max(3.0 * retry_after, self._pace_gap * 2.0, 0.1))
-        if self._state is not _OPEN:  # closing: spread over what is left of the deadline
-            room = max(0.0, (self._deadline or 0.0) - _mono() - retry_after - 0.3)
+        if self.worker._state is not _OPEN:  # closing: spread over what is left of the deadline
+            room = max(0.0, (self.worker._deadline or 0.0) - _mono() - retry_after - 0.3)
             self._next_send = _mono() + retry_after + _random() * room
         else:
             self._next_send = _mono() + self._pace_gap * (0.75 + _random() * 0.75)
@@ -3021,40 +3062,40 @@ class ExperimentReporter:
                     rejected.append((line, "rejected", error))
             else:
                 retry.append((event_id, line))
-        self.spill.dead_letter(rejected)
+        self.facade.spill.dead_letter(rejected)
         return retry + list(pending.items()), None  # absent from the results: not known to be stored
 
     def _mark_up(self) -> None:
         if self._fails or self._auth_fails:
-            _log("warning", "argus: the server at %s answers again; re-sending saved events", self.url)
+            _log("warning", "argus: the server at %s answers again; re-sending saved events", self.facade.url)
         self._fails = self._auth_fails = 0
         self._down_until = 0.0
 
     def _mark_down(self, problem: str) -> None:
         self._fails += 1
         self._down_until = _mono() + min(RETRY_MAX_S, float(2 ** min(self._fails, 8)))
-        if self._replay_due is None:
-            self._replay_due = self._down_until
+        if self.replayer._replay_due is None:
+            self.replayer._replay_due = self._down_until
         if self._fails == 1:
             _log(
                 "warning",
                 "argus: the server at %s is not answering (%s); events are saved to %s and "
                 "re-sent as soon as it answers again",
-                self.url,
+                self.facade.url,
                 problem,
-                self.spill.directory,
+                self.facade.spill.directory,
             )
 
     def _mark_refused(self, status: int, data: bytes) -> None:
         self._auth_fails += 1
         self._down_until = _mono() + min(600.0, AUTH_PROBE_S * 2 ** (self._auth_fails - 1))
-        if self._replay_due is None:
-            self._replay_due = self._down_until
+        if self.replayer._replay_due is None:
+            self.replayer._replay_due = self._down_until
         if 300 <= status < 400:
             return  # logged by the caller
         if status == 404:
             cause = "%s/api/events answered 404: this URL is not an Argus server; check %s" % (
-                self.url,
+                self.facade.url,
                 ENV_URL,
             )
         elif status == 403:
@@ -3067,40 +3108,19 @@ class ExperimentReporter:
                 ENV_TOKEN,
             )
         _log_once(
-            "refused:%s:%d" % (self.url, status),
+            "refused:%s:%d" % (self.facade.url, status),
             "error",
             "argus: %s. Events are kept in %s; send them later with `python3 -m argus sync`.",
             cause,
-            self.spill.directory,
+            self.facade.spill.directory,
         )
 
     # -- uploads ------------------------------------------------------------------------
 
-    def _control(self, control) -> None:
-        self._controls = max(0, self._controls - 1)
-        if type(control) is _Upload:
-            # Events spilled during an outage were queued before this upload (its job_start
-            # may be among them): re-send what is due before the file leaves.
-            if self._disk_mode and self._up() and not self._offline:
-                self._replay_own(until_empty=True)
-            while (
-                self._replay_due is not None
-                and not self._abandoned
-                and _mono() >= max(self._replay_due, self._down_until)
-            ):
-                self._replay_step()
-            try:
-                control.result = self._upload(control)
-            except Exception as exc:
-                _log("error", "argus: upload of %s failed: %r", control.path, exc)
-        elif self._disk_mode and self._up() and not self._offline:
-            self._replay_own(until_empty=True)
-        control.done.set()
-
     def _record_upload(self, upload: _Upload, size: int, why: str) -> None:
-        if not self._records_uploads:
+        if not self.facade._records_uploads:
             return  # `argus sync` keeps the entries it could not send itself
-        self.spill.record_upload(
+        self.facade.spill.record_upload(
             {
                 "path": os.path.abspath(upload.path),
                 "size": size,
@@ -3109,8 +3129,8 @@ class ExperimentReporter:
                 "meta": None if upload.meta is None else _loads(_meta_text(upload.meta)),
                 "recorded_at": _format_ts(_now()),
                 "why": why,
-                "url": self.url,
-                "token": _fingerprint(self._token),
+                "url": self.facade.url,
+                "token": _fingerprint(self.facade._token),
             }
         )
 
@@ -3130,7 +3150,7 @@ class ExperimentReporter:
                 ARTIFACT_MAX_BYTES // 1048576,
             )
             return None
-        if self._offline:
+        if self.facade._offline:
             self._record_upload(upload, size, "offline")
             return None
         if not self._up():
@@ -3195,7 +3215,7 @@ class ExperimentReporter:
                 )
             elif status == 404 and upload.batch_level:
                 _log_once(
-                    "no-batch-artifacts:%s" % self.url,
+                    "no-batch-artifacts:%s" % self.facade.url,
                     "warning",
                     "argus: this server has no batch artifacts (404 on %s); batch files are not uploaded",
                     upload.route,
@@ -3204,7 +3224,7 @@ class ExperimentReporter:
                 _log("warning", "argus: upload of %s failed: HTTP %d %s", path, status, _error_text(data))
                 if status == 500 and not upload.batch_level:
                     _log_once(
-                        "upload-500:%s" % self.url,
+                        "upload-500:%s" % self.facade.url,
                         "warning",
                         "argus: the Argus server answers 500 to uploads for a job_id that also "
                         "exists in another batch (a server bug): give jobs ids that are unique "
@@ -3213,22 +3233,75 @@ class ExperimentReporter:
             return None
         return None
 
-    def _after_fork(self) -> None:
-        """In a forked child: drop the parent's queue, locks and threads; start fresh on use."""
+
+class _Replayer:
+    """Spill store -> server: the spill file claimed now, and when older spill files are due.
+
+    The worker uses it for this run's backlog and for other runs' files; ``argus sync``
+    (``_sync_pass``) uses the same class through a facade made without a worker.
+    """
+
+    def __init__(self, facade: ExperimentReporter):
+        self.facade = facade
+        self.worker = self.sender = None  # siblings: set by the facade once all parts exist
+
+    def _reset_runtime(self) -> None:
+        """The claim and the replay schedule: at start and after a fork."""
+        self._claim = None
+        self._replay_due = None if self.facade._offline else 0.0
+
+    def _replay_own(self, until_empty: bool = False) -> bool:
+        """Send chunks of this run's spilled events, oldest first; False when there are none."""
+        sent_any = False
+        while not self.worker._abandoned:
+            outcome = self._replay_once(own_only=True)
+            if outcome == "empty":
+                return sent_any
+            if outcome == "file done":
+                continue
+            sent_any = True
+            if outcome == "unsent" or not until_empty:
+                return True
+            if self.facade._queue and type(self.facade._queue[0]) is tuple:
+                self.worker._queue_to_disk()
+        return sent_any
+
+    def _replay_step(self) -> None:
+        """Re-send one chunk of an older spill file for this server (another run's backlog)."""
+        outcome = self._replay_once(match=self._for_us)
+        if outcome == "empty":
+            self._replay_due = None
+        elif outcome == "unsent" and self.sender._up():  # answered, but some need another try later
+            self._replay_due = _mono() + RETRY_MAX_S
+
+    def _replay_once(self, attempts: int = 1, **claim_args) -> str:
+        """The replayer, for the worker and for ``argus sync``: one chunk of the claimed spill
+        file (claiming the next one first, with ``claim_args`` for SpillStore.claim_next).
+
+        Returns "empty" (nothing to claim), "file done", "sent" or "unsent" (the server did
+        not take the chunk: the file is given back with it).
+        """
         claim = self._claim
-        if claim is not None:
-            claim._close()  # the parent keeps its claim; only this copy of the fd goes
-        self._reset_runtime()
-        self._replay_due = None  # the parent replays; the child only sends its own events
-        self.spill.after_fork()
-        self._state_lock = threading.RLock()
-        self._closed_evt = threading.Event()
-        if self._state is not _OPEN:
-            self._state = _CLOSED
-            self._closed_evt.set()
-        else:
-            _live.add(self)
-        self._slow = not self.enabled or self._state is not _OPEN
+        if claim is None:
+            self.facade.spill.rotate()
+            claim = self._claim = self.facade.spill.claim_next(**claim_args)
+            if claim is None:
+                return "empty"
+        pairs = claim.next_chunk(self.sender._batch_limit, self.worker._acked)
+        if not pairs:
+            claim.done()
+            self._claim = None
+            return "file done"
+        unsent = self.sender._send(pairs, attempts)
+        if unsent:
+            claim.release([line for _, line in unsent])
+            self._claim = None
+            return "unsent"
+        return "sent"
+
+    def _for_us(self, claim) -> bool:
+        """A spill file for this server (or for any: written without a URL, or by 0.2.0)."""
+        return claim.destination is None or _same_url(claim.destination, self.facade.url)
 
 
 _ACKED = frozenset(("accepted", "deduplicated"))  # the per-event results that mean stored
@@ -4030,7 +4103,7 @@ class Reporter:
             while not self._halt.wait(delay):
                 # A shared token's budget goes to the events first: while ingest is being
                 # paced (429s), the poll waits several of its gaps.
-                delay = interval * backoff + 4.0 * sender._pace_gap
+                delay = interval * backoff + 4.0 * sender.sender._pace_gap
                 try:
                     if transport is None:
                         transport = self._poll_transport = _make_transport(sender.url, sender._token)
@@ -4057,7 +4130,7 @@ class Reporter:
                         return
                 elif status == 429:
                     backoff = min(32.0, backoff * 2)
-                    delay = max(interval * backoff, _retry_after(headers, interval)) + 4.0 * sender._pace_gap
+                    delay = max(interval * backoff, _retry_after(headers, interval)) + 4.0 * sender.sender._pace_gap
                 elif status in (401, 403):
                     _log(
                         "error",
@@ -4082,18 +4155,18 @@ class Reporter:
         sample = _ProcessSample()
         try:
             while True:
-                if sender._queue or sender._inflight:  # events are on their way: not quiet
-                    sender._last_activity = _mono()
-                quiet = _mono() - sender._last_activity
+                if sender._queue or sender.worker._inflight:  # events are on their way: not quiet
+                    sender.sender._last_activity = _mono()
+                quiet = _mono() - sender.sender._last_activity
                 if self._halt.wait(max(0.05, interval - quiet)):
                     return
-                if sender._queue or sender._inflight:
-                    sender._last_activity = _mono()
-                if _mono() - sender._last_activity >= interval:
+                if sender._queue or sender.worker._inflight:
+                    sender.sender._last_activity = _mono()
+                if _mono() - sender.sender._last_activity >= interval:
                     sender.resource_snapshot(
                         heartbeat=True, elapsed_s=round(_mono() - self._t0, 1), **sample.take()
                     )
-                    sender._last_activity = _mono()
+                    sender.sender._last_activity = _mono()
         except Exception as exc:
             _log("error", "argus: the heartbeat stopped: %r", exc)
 
@@ -6621,15 +6694,15 @@ def _sync_pass(sender: ExperimentReporter, progress: bool, match=None) -> dict:
     skip = set()
     while True:
         before = sender.delivered
-        outcome = sender._replay_once(RETRY_ATTEMPTS, skip=skip, match=match)
+        outcome = sender.replayer._replay_once(RETRY_ATTEMPTS, skip=skip, match=match)
         sent += sender.delivered - before
         if outcome == "empty":
             break
-        if sender._claim is not None:
-            skip.add(sender._claim.path)
+        if sender.replayer._claim is not None:
+            skip.add(sender.replayer._claim.path)
         if progress and outcome in ("sent", "unsent"):
             rate = sent / max(1e-6, _mono() - t0)
-            left = sender._claim.left() if sender._claim is not None else 0
+            left = sender.replayer._claim.left() if sender.replayer._claim is not None else 0
             sys.stderr.write("\rargus sync: %d sent (%.0f/s), %d left in this file " % (sent, rate, left))
             sys.stderr.flush()
         if outcome == "unsent":
@@ -6690,7 +6763,7 @@ def _sync_uploads(sender: ExperimentReporter) -> tuple:
             elif upload is not None and not os.path.exists(upload.path):
                 print("argus sync: %s no longer exists; upload dropped" % upload.path, file=sys.stderr)
             elif upload is not None:
-                if sender._upload(upload) is not None:
+                if sender.sender._upload(upload) is not None:
                     sent += 1
                 else:
                     keep.append(entry)
@@ -6760,7 +6833,7 @@ def _cmd_sync(args) -> int:
                 "--retarget to send them here." % (count, store.directory, other, sender.url),
                 file=sys.stderr,
             )
-    total = _sync_loop(sender, args, progress, None if args.retarget else sender._for_us)
+    total = _sync_loop(sender, args, progress, None if args.retarget else sender.replayer._for_us)
     backlog = store.backlog()
     left = backlog["events"]
     print(
@@ -6979,7 +7052,7 @@ def _cmd_emit(args) -> int:
         print("argus emit: no server (offline or no URL); event saved to %s" % sender.spill.directory,
               file=sys.stderr)
         return 1
-    unsent = sender._send([pair], RETRY_ATTEMPTS if args.retry else 1)
+    unsent = sender.sender._send([pair], RETRY_ATTEMPTS if args.retry else 1)
     if unsent:
         sender.spill.append([line for _, line in unsent])
         sender.spill.close()

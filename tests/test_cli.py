@@ -379,11 +379,11 @@ def test_an_interrupted_sync_keeps_its_pending_uploads(fake, spill_dir, tmp_path
     def ctrl_c(self, upload):
         raise KeyboardInterrupt
 
-    upload = argus.ExperimentReporter._upload
-    monkeypatch.setattr(argus.ExperimentReporter, "_upload", ctrl_c)
+    upload = argus._Sender._upload
+    monkeypatch.setattr(argus._Sender, "_upload", ctrl_c)
     assert argus.main(["sync", "--url", fake.url, "--watch", "60"]) == 1  # something is left
     assert argus.SpillStore().backlog()["pending_uploads"] == 1
-    monkeypatch.setattr(argus.ExperimentReporter, "_upload", upload)
+    monkeypatch.setattr(argus._Sender, "_upload", upload)
     assert argus.main(["sync", "--url", fake.url]) == 0
     assert [a["filename"] for a in fake.artifacts] == ["curve.png"]
 
