@@ -5331,35 +5331,14 @@ class _TrainingRun:
             self.log("Stop requested in Argus: %s" % framework_call, "WARNING")
 
 
-def _build_lightning_callback():
-    import importlib
+def _callback_init(framework: str, train_loss_keys: tuple, val_loss_keys: tuple) -> type:
+    """The constructor that the Lightning and Keras ArgusCallback share: a base class put
+    before the framework's Callback, whose ``__init__`` (with this framework's defaults) is
+    the callback's signature. It builds the _TrainingRun, checks the metric keys, and resets
+    the callback's per-run state with its ``_reset_epoch_state()``."""
+    default_train_loss_keys, default_val_loss_keys = train_loss_keys, val_loss_keys
 
-    # `lightning.pytorch` and `pytorch_lightning` are two packages with distinct Callback
-    # classes, and each Trainer accepts only its own: derive from every one installed so
-    # that one class works with both.
-    bases, errors = [], []
-    for name in ("lightning.pytorch", "pytorch_lightning"):
-        try:
-            bases.append(importlib.import_module(name).Callback)
-        except Exception as exc:  # one broken package must not hide the other
-            errors.append(exc)
-    if not bases:
-        if all(isinstance(exc, ImportError) for exc in errors):
-            raise _missing_framework("lightning") from errors[0]
-        raise errors[-1]
-
-    class ArgusCallback(*bases):
-        """Report a Lightning ``Trainer.fit`` to Argus as one batch holding one job.
-
-        ``on_train_start`` sends ``batch_start`` and ``job_start``; each epoch sends one
-        ``job_epoch`` with the train loss, the validation loss of that epoch (when
-        validation ran) and the first optimizer's learning rate at the epoch's start;
-        ``on_train_end`` sends ``job_done`` (``final_metric_keys`` read from
-        ``trainer.callback_metrics``) and ``batch_done``; ``on_exception`` sends
-        ``job_failed`` and ``batch_failed``. Only global rank 0 reports. With
-        ``stop_polling`` the Argus Stop button sets ``trainer.should_stop``.
-        """
-
+    class _ArgusCallbackInit:
         def __init__(
             self,
             *,
@@ -5369,10 +5348,10 @@ def _build_lightning_callback():
             token: str | None = None,
             model: str | None = None,
             dataset: str | None = None,
-            experiment_type: str = "lightning",
-            batch_prefix: str = "lightning",
-            train_loss_keys=("train_loss_epoch", "train_loss", "loss"),
-            val_loss_keys=("val_loss_epoch", "val_loss"),
+            experiment_type: str = framework,
+            batch_prefix: str = framework,
+            train_loss_keys=default_train_loss_keys,
+            val_loss_keys=default_val_loss_keys,
             final_metric_keys=(),
             heartbeat: bool | float = False,
             stop_polling: bool | float = False,
@@ -5398,6 +5377,41 @@ def _build_lightning_callback():
             self.val_loss_keys = _keys(val_loss_keys, "val_loss_keys")
             self.final_metric_keys = _keys(final_metric_keys, "final_metric_keys")
             self._reset_epoch_state()
+
+    return _ArgusCallbackInit
+
+
+def _build_lightning_callback():
+    import importlib
+
+    # `lightning.pytorch` and `pytorch_lightning` are two packages with distinct Callback
+    # classes, and each Trainer accepts only its own: derive from every one installed so
+    # that one class works with both.
+    bases, errors = [], []
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except Exception as exc:  # one broken package must not hide the other
+            errors.append(exc)
+    if not bases:
+        if all(isinstance(exc, ImportError) for exc in errors):
+            raise _missing_framework("lightning") from errors[0]
+        raise errors[-1]
+
+    class ArgusCallback(
+        _callback_init("lightning", ("train_loss_epoch", "train_loss", "loss"), ("val_loss_epoch", "val_loss")),
+        *bases,
+    ):
+        """Report a Lightning ``Trainer.fit`` to Argus as one batch holding one job.
+
+        ``on_train_start`` sends ``batch_start`` and ``job_start``; each epoch sends one
+        ``job_epoch`` with the train loss, the validation loss of that epoch (when
+        validation ran) and the first optimizer's learning rate at the epoch's start;
+        ``on_train_end`` sends ``job_done`` (``final_metric_keys`` read from
+        ``trainer.callback_metrics``) and ``batch_done``; ``on_exception`` sends
+        ``job_failed`` and ``batch_failed``. Only global rank 0 reports. With
+        ``stop_polling`` the Argus Stop button sets ``trainer.should_stop``.
+        """
 
         def _reset_epoch_state(self) -> None:
             self._pending_epoch = None  # ended, not yet sent
@@ -5523,7 +5537,7 @@ def _build_keras_callback():
     # The keyword arguments of JobContext.epoch: a log entry of the same name can't be extra.
     reserved = frozenset(("epoch", "train_loss", "val_loss", "lr", "batch_time_ms"))
 
-    class ArgusCallback(base):
+    class ArgusCallback(_callback_init("keras", ("loss",), ("val_loss",)), base):
         """Report a Keras ``model.fit`` to Argus as one batch holding one job.
 
         ``on_train_begin`` sends ``batch_start`` and ``job_start``; ``on_epoch_end`` sends one
@@ -5534,43 +5548,7 @@ def _build_keras_callback():
         With ``stop_polling`` the Argus Stop button sets ``model.stop_training``.
         """
 
-        def __init__(
-            self,
-            *,
-            project: str,
-            job_id: str,
-            argus_url: str | None = None,
-            token: str | None = None,
-            model: str | None = None,
-            dataset: str | None = None,
-            experiment_type: str = "keras",
-            batch_prefix: str = "keras",
-            train_loss_keys=("loss",),
-            val_loss_keys=("val_loss",),
-            final_metric_keys=(),
-            heartbeat: bool | float = False,
-            stop_polling: bool | float = False,
-            resource_snapshot: bool | float = False,
-            auto_upload_dirs=None,
-        ):
-            super().__init__()
-            self._run = _TrainingRun(
-                project=project,
-                job_id=job_id,
-                argus_url=argus_url,
-                token=token,
-                model=model,
-                dataset=dataset,
-                experiment_type=experiment_type,
-                batch_prefix=batch_prefix,
-                heartbeat=heartbeat,
-                stop_polling=stop_polling,
-                resource_snapshot=resource_snapshot,
-                auto_upload_dirs=auto_upload_dirs,
-            )
-            self.train_loss_keys = _keys(train_loss_keys, "train_loss_keys")
-            self.val_loss_keys = _keys(val_loss_keys, "val_loss_keys")
-            self.final_metric_keys = _keys(final_metric_keys, "final_metric_keys")
+        def _reset_epoch_state(self) -> None:
             self._epoch_lr = None
             self._lr_due = False
             self._last_logs = {}
