@@ -12,6 +12,22 @@ thread, and nothing is lost: what cannot be delivered is spilled to disk and re-
                 job.epoch(epoch, train_loss=0.3, val_loss=0.4, lr=1e-3)
 
 Configure with ``ARGUS_URL`` and ``ARGUS_TOKEN``; ``python argus.py demo`` shows it working.
+
+Contents: the sections below, under these titles, in the order an event travels.
+
+    Constants and configuration     protocol constants, environment variables, url and token
+    Reporter and JobContext         the public API: batches, jobs, epochs, artifacts
+    Module-level helpers            batch ids, emit(), sub_env()
+    Job logs                        tracebacks, LogHandler, console capture
+    The delivery core               ExperimentReporter, a facade over the queue it holds and
+                                    its parts: _Worker (thread, lifecycle), _Sender (one
+                                    request, its answer, pacing), _Replayer (spill -> server)
+    The spill store on disk         SpillStore, _Claim
+    Transports                      http.client, or requests where it is installed
+    Values and events               values made JSON-safe, event ids, timestamps, the source
+    Process lifecycle               one shutdown path: SIGTERM, atexit, fork
+    Appendices                      Resource sampling, Framework integrations, Local
+                                    collector, Command-line interface (main)
 """
 
 from __future__ import annotations
@@ -67,6 +83,7 @@ EVENT_TYPES = (
 _SERVER_EXTRA_TYPES = ("env_snapshot",)
 _JOB_EVENT_TYPES = frozenset(("job_start", "job_epoch", "job_done", "job_failed", "log_line"))
 _SOURCE_KEYS = ("project", "host", "user", "commit", "command")
+_ACKED = frozenset(("accepted", "deduplicated"))  # the per-event results that mean stored
 
 ARTIFACT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 ARTIFACT_MAX_BYTES = 50 * 1024 * 1024  # the server's per-file cap (413 above it)
@@ -277,1455 +294,1165 @@ def _default_spill_dir() -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Values and events
+# Reporter and JobContext
 # ---------------------------------------------------------------------------------------
 
-# Values of these exact types go onto the queue untouched; anything else is converted on
-# the caller's thread (a tensor may change in place after the call).
-_PLAIN_TYPES = frozenset((int, float, str, bool, type(None)))
 
-_json_encode = None
-_json_encode_chunks = None  # the C encoder itself, where there is one (see _dumps)
-
-
-def _dumps(value) -> str:
-    """Strict JSON (RFC 8259): raises ValueError on NaN/Infinity."""
-    global _json_encode, _json_encode_chunks
-    if _json_encode is None:
-        import json
-
-        try:  # the C encoder object is reusable: building it per call costs more than encoding
-            from json.encoder import c_make_encoder, encode_basestring_ascii
-
-            def refuse(obj):
-                raise TypeError("%s is not JSON serializable" % type(obj).__name__)
-
-            encoder = c_make_encoder(
-                None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
-            )
-
-            def _json_encode(obj):
-                return "".join(encoder(obj, 0))
-
-            _json_encode_chunks = encoder
-
-        except (ImportError, TypeError):  # no C accelerator (PyPy) or a changed signature
-            _json_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
-    return _json_encode(value)
-
-
-def _loads(text):
-    import json
-
-    return json.loads(text)
-
-
-def _truncate(text: str, limit: int = MAX_STRING_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + "...[truncated %d chars]" % (len(text) - limit)
-
-
-def _json_key(key) -> str:
-    if isinstance(key, str):
-        return key
-    if key is None:
-        return "null"
-    if key is True or key is False:
-        return "true" if key else "false"
-    return str(key)
-
-
-def _jsonable(value, _depth: int = 0):
-    """Return a JSON-safe copy of ``value`` (non-finite floats are kept; see _encode_data).
-
-    Never raises: a value whose own methods fail (``__str__``, ``__float__``, ``items()``...)
-    becomes a ``<unconvertible ...>`` marker string, so the call that carries it returns and
-    the rest of its event is still sent.
-    """
-    kind = type(value)
-    if kind is str:
-        return _truncate(value)
-    if value is None or kind is bool or kind is float:
-        return value
-    if kind is int:
-        return value if -_BIG_INT < value < _BIG_INT else _big_int(value)
-    try:
-        return _convert(value, _depth)
-    except Exception as exc:  # a value whose own methods raise: RecursionError included
-        return _unconvertible(value, exc)
-
-
-def _convert(value, _depth: int):
-    if _depth >= _MAX_DEPTH:
-        return _short_repr(value)
-    if isinstance(value, dict):
-        return {_json_key(k): _jsonable(v, _depth + 1) for k, v in dict.items(value)}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, _depth + 1) for v in value]
-    if isinstance(value, (set, frozenset)):
-        items = [_jsonable(v, _depth + 1) for v in value]
-        try:
-            return sorted(items)
-        except TypeError:
-            return sorted(items, key=repr)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):  # IntEnum, IntFlag and other int subclasses
-        return _jsonable(int.__index__(value), _depth)
-    if isinstance(value, float):
-        return float.__float__(value)  # the float's own value, whatever the subclass overrides
-    if isinstance(value, str):
-        return _truncate(str.__getitem__(value, slice(None)))  # its characters, not its __str__
-    if isinstance(value, (bytes, bytearray)):
-        return _truncate(bytes(value).decode("utf-8", "replace"))
-    # numpy scalars, 0-d arrays and 0-d torch tensors: their own item(), no import needed.
-    shape = getattr(value, "shape", None)
-    if shape is not None and callable(getattr(value, "item", None)):
-        try:
-            if tuple(shape) == () or _size(value) == 1:
-                return _jsonable(value.item(), _depth + 1)
-            if callable(getattr(value, "tolist", None)) and _size(value) <= 10_000:
-                return _jsonable(value.tolist(), _depth + 1)
-        except Exception:
-            pass
-    if hasattr(value, "isoformat"):  # datetime, date, time
-        try:
-            return value.isoformat()
-        except Exception:
-            pass
-    if hasattr(value, "__fspath__"):
-        return os.fspath(value)
-    if hasattr(value, "_value_"):  # Enum
-        return _jsonable(value._value_, _depth + 1)
-    if hasattr(value, "__float__") and not hasattr(value, "__len__"):  # Decimal, Fraction
-        try:
-            return float(value)
-        except Exception:
-            pass
-    return _truncate(str(value))
-
-
-# str(int) refuses more than 4,300 digits (Python 3.11+); such an int travels as a string.
-_BIG_INT = 10**4000
-
-
-def _big_int(value: int) -> str:
-    return "<int of %d bits: 0x%s>" % (value.bit_length(), _truncate("%x" % value, 64))
-
-
-def _short_repr(value) -> str:
-    """A value nested deeper than _MAX_DEPTH: its repr, bounded, or a marker."""
-    if isinstance(value, (dict, list, tuple, set, frozenset)):
-        return "<%s nested deeper than %d levels>" % (type(value).__name__, _MAX_DEPTH)
-    try:
-        return _truncate(repr(value), 1000)
-    except Exception as exc:
-        return _unconvertible(value, exc)
-
-
-def _unconvertible(value, exc) -> str:
-    try:
-        name = type(value).__name__
-    except Exception:
-        name = "object"
-    return "<unconvertible %s: %s>" % (name, type(exc).__name__)
-
-
-def _text(value) -> str:
-    """``str(value)`` for log lines and reasons, never raising."""
-    if type(value) is str:
-        return value
-    if isinstance(value, str):
-        return str.__getitem__(value, slice(None))
-    try:
-        text = str(value)
-        return text if type(text) is str else str.__getitem__(text, slice(None))
-    except Exception as exc:
-        return _unconvertible(value, exc)
-
-
-def _dumps_safe(value) -> str:
-    """Strict JSON of an already converted value; a value that still fails becomes a marker."""
-    try:
-        return _dumps(value)
-    except Exception as exc:
-        return _dumps(_unconvertible(value, exc))
-
-
-def _size(value) -> int:
-    size = getattr(value, "size", None)
-    if callable(size):  # torch: .size() is the shape; numel() is the count
-        numel = getattr(value, "numel", None)
-        return int(numel()) if callable(numel) else -1
-    return int(size) if size is not None else -1
-
-
-_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-
-
-def _replace_nonfinite(value, path: str, found: dict):
-    if type(value) is float and value - value != 0.0:  # NaN or +-Infinity
-        found[path] = _NONFINITE[repr(value)]
+def _interval(value, default: float, name: str):
+    if value is True:
+        return default
+    if value is False or value is None:
         return None
-    if isinstance(value, dict):
-        return {
-            k: _replace_nonfinite(v, "%s.%s" % (path, k) if path else k, found)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_replace_nonfinite(v, "%s[%d]" % (path, i), found) for i, v in enumerate(value)]
-    return value
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
+    raise ValueError("%s must be True, False or a number of seconds > 0; got %r" % (name, value))
 
 
-def _encode_data(data: dict) -> str:
-    """Encode an event's data as strict JSON; never raises.
-
-    A non-finite float travels as ``null`` in its place, and the event's data gains
-    ``"nonfinite": {"<key path>": "NaN" | "Infinity" | "-Infinity"}`` so that nothing is lost.
-    """
-    try:
-        text = _dumps(data)
-    except ValueError:  # NaN/Infinity (or a huge int that skipped conversion)
-        found = {}
-        data = _replace_nonfinite(data, "", found)
-        if found and isinstance(data, dict):
-            data["nonfinite"] = found
-        try:
-            text = _dumps(data)
-        except Exception:
-            text = _dumps_safe(_jsonable(data))
-    except Exception:  # a value that skipped conversion (RecursionError, TypeError...)
-        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
-    if len(text) > _MAX_EVENT_CHARS:
-        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
-    if not text.startswith("{"):  # data itself could not be encoded: keep a marker of it
-        text = _dumps({"unencodable": _jsonable(_loads(text))})
-    return text
+def _rank_elsewhere():
+    """The (variable, rank) of a DDP/SLURM rank other than 0, else None."""
+    for name in ("RANK", "SLURM_PROCID"):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            try:
+                return (name, int(raw)) if int(raw) != 0 else None
+            except ValueError:
+                return None
+    return None
 
 
-def _meta_text(meta) -> str:
-    """An artifact's ``meta`` as strict JSON: a non-finite float becomes null, as in events."""
-    meta = _jsonable(meta)
-    if isinstance(meta, dict):
-        return _encode_data(meta)
-    return _dumps(_replace_nonfinite(meta, "", {}))
+class Reporter:
+    """Context manager for one experiment batch.
 
-
-_ids = []  # event ids made ahead, in bulk; emptied in a forked child
-_ID_BULK = 512
-_ID_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
-_ID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
-
-
-def _uuid4() -> str:
-    """A random (version 4) UUID, as text. Made _ID_BULK at a time from os.urandom: the
-    bit fixing and hex formatting run once per bulk in C, which costs a quarter of
-    ``str(uuid.uuid4())``. A user's random.seed() cannot repeat them, and a forked child
-    drops the parent's unused ones (see _after_fork_in_child)."""
-    try:
-        return _ids.pop()
-    except IndexError:
-        pass
-    raw = bytearray(os.urandom(16 * _ID_BULK))
-    raw[6::16] = raw[6::16].translate(_ID_V4)
-    raw[8::16] = raw[8::16].translate(_ID_VARIANT)
-    hx = raw.hex()
-    made = [
-        "%s-%s-%s-%s-%s" % (hx[o : o + 8], hx[o + 8 : o + 12], hx[o + 12 : o + 16], hx[o + 16 : o + 20], hx[o + 20 : o + 32])
-        for o in range(0, 32 * _ID_BULK, 32)
-    ]
-    event_id = made.pop()
-    _ids.extend(made)  # list.extend and list.pop are atomic: threads may share the bulk
-    return event_id
-
-
-_ts_cache = (-1, "", -1, "")  # (second, its prefix, millisecond, its stamp): replaced whole
-
-
-def _format_ts(ts: float) -> str:
-    """ISO 8601 UTC, fixed width with milliseconds: the server sorts timestamps as strings."""
-    global _ts_cache
-    ms = int(ts * 1000)
-    cached_secs, prefix, cached_ms, stamp = _ts_cache
-    if ms == cached_ms:  # a burst: many events inside one millisecond
-        return stamp
-    secs = ms // 1000
-    if secs != cached_secs:
-        t = time.gmtime(secs)
-        prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % (t[0], t[1], t[2], t[3], t[4], t[5])
-    stamp = "%s.%03dZ" % (prefix, ms - secs * 1000)
-    _ts_cache = (secs, prefix, ms, stamp)
-    return stamp
-
-
-def _reason(exc_type, exc) -> str:
-    if exc_type is None:
-        return "unknown"
-    text = str(exc) if exc is not None else ""
-    name = getattr(exc_type, "__name__", str(exc_type))
-    return _truncate("%s: %s" % (name, text) if text else name, 2000)
-
-
-def _process_command() -> str:
-    """The real command line of this process (from /proc when available)."""
-    args = None
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            raw = f.read().split(b"\0")
-        args = [a.decode("utf-8", "replace") for a in raw if a] or None
-    except OSError:
-        pass
-    if args is None:
-        args = [os.path.basename(sys.executable or "python")] + list(sys.argv)
-    import shlex
-
-    return _truncate(" ".join(shlex.quote(a) for a in _scrub_args(args)), 4000)
-
-
-def _scrub_args(args: list) -> list:
-    """Hide secrets on a command line: values of secret-named options (``--token X``,
-    ``--db-password=X``, ``--wandb-key X``, ``--auth X``, ``-p X``), passwords in URLs
-    (``postgresql://alice:***@db``), ``em_live_`` tokens and the configured token itself."""
-    out, hide_next = [], False
-    for arg in args:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        name, eq, _value = arg.partition("=")
-        if arg.startswith("-") and _is_secret_option(name):
-            if eq:
-                arg = name + "=***"
-            else:
-                hide_next = True
-        elif eq and _is_secret_option(name):
-            arg = name + "=***"
-        out.append(_scrub_arg(arg))
-    return out
-
-
-def _is_secret_option(name: str) -> bool:
-    import re
-
-    if name in _SECRET_SHORT_OPTIONS:
-        return True
-    words = [w for w in re.split(r"[-_.]", name.lstrip("-").lower()) if w]
-    if not words:
-        return False
-    return bool(set(words) & _SECRET_WORDS) or words[-1] in _SECRET_LAST_WORDS or "apikey" in words
-
-
-def _scrub_arg(text: str) -> str:
-    """Hide secrets inside one argument: URL passwords, em_live_ tokens, the configured tokens."""
-    import re
-
-    text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
-    text = re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
-    for secret in _known_secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
-
-
-_SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials", "auth", "apikey"))
-_SECRET_LAST_WORDS = frozenset(("key", "token", "secret", "pass", "pw", "pwd"))
-_SECRET_SHORT_OPTIONS = frozenset(("-p",))
-_known_secrets = set()  # tokens this process was configured with: never recorded anywhere
-_is_secret_name = _is_secret_option  # the same rule for free text (tracebacks)
-
-
-_SOURCE_CACHE = {}
-
-
-def _host() -> str:
-    try:
-        return os.uname().nodename
-    except AttributeError:  # Windows
-        import socket
-
-        return socket.gethostname()
-
-
-def _user() -> str | None:
-    for name in ("USER", "LOGNAME", "USERNAME"):
-        if os.environ.get(name):
-            return os.environ[name]
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except Exception:
-        return None
-
-
-def _git_commit(short: bool = True, timeout: float = 2.0) -> str | None:
-    import subprocess
-
-    cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
-    try:
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else None
-
-
-def _detected_source() -> dict:
-    """host/user/commit of this process, looked up once (the git call runs on the worker)."""
-    if not _SOURCE_CACHE:
-        _SOURCE_CACHE.update(host=_host(), user=_user(), commit=_git_commit())
-    return _SOURCE_CACHE
-
-
-# ---------------------------------------------------------------------------------------
-# The spill store on disk
-# ---------------------------------------------------------------------------------------
-
-try:
-    import fcntl as _fcntl
-except ImportError:  # Windows: replay works, without protection against two replayers
-    _fcntl = None
-
-_SPILL_SUFFIX = ".jsonl"
-_OPEN_SUFFIX = ".jsonl.part"  # a file still being written; never replayed while its writer lives
-_DEAD_LETTER = "deadletter.jsonl"
-_PENDING_UPLOADS = "pending-uploads.jsonl"
-
-
-_spill_counts = {}  # directory -> [spilled, refused] by this process's senders: the exit summary
-_left_behind = {}  # directory -> [events this process's closed senders left on disk, events lost]
-_destinations = {}  # directory -> (url, token) of a sender that spilled there: the exit hand-off
-_server_rate = {"events_per_s": None}  # the server's measured ingest speed, for the exit line
-
-
-def _lock_nb(fd: int) -> bool:
-    if _fcntl is None:
-        return True
-    try:
-        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-class SpillStore:
-    """Undelivered events, one JSON line each, in ``*.jsonl`` files of one directory.
-
-    A writer appends to its own ``*.jsonl.part`` file, holding an exclusive ``flock`` on it,
-    and renames it to ``*.jsonl`` when it rotates or closes. A replayer claims a file by
-    taking that lock (so a dead writer's file is taken over), sends its events and deletes
-    it only after they are acknowledged. Each file starts with a header line naming its
-    destination (the server URL and a fingerprint of the token, never the token), so that a
-    run against another server leaves it alone. The directory is 0700, the files 0600. The
-    total size is capped (``ARGUS_SPILL_MAX_MB``). No method raises: a disk fault is logged
-    once, counted, and reported to the caller as "not written".
+    ``__enter__`` emits ``batch_start`` and starts the heartbeat, stop-poll and
+    resource-snapshot daemon threads; ``__exit__`` emits ``batch_done`` (or ``batch_failed``
+    when the block raised), uploads ``auto_upload_dirs`` on a clean exit, stops the daemons
+    (at most 2 s each) and drains the queue (at most 3 s; the rest is spilled to disk).
     """
 
     def __init__(
         self,
-        directory: str | None = None,
-        max_mb: float | None = None,
+        batch_prefix: str = "batch",
         *,
-        url: str | None = None,
+        experiment_type: str | None = None,
+        source_project: str | None = None,
+        command: str | None = None,
+        n_total: int | None = None,
+        heartbeat: bool | float = True,
+        stop_polling: bool | float = True,
+        resource_snapshot: bool | float = True,
+        monitor_url: str | None = None,
         token: str | None = None,
+        auto_upload_dirs=None,
+        batch_id: str | None = None,
+        resume_from: str | None = None,
+        all_ranks: bool | None = None,
+        durable: bool | None = None,
+        drain_timeout: float | None = None,
+        capture_output: bool | None = None,
     ):
-        self.directory = os.path.abspath(directory or _default_spill_dir())
-        self.max_bytes = int(
-            (max_mb if max_mb is not None else _env_float(ENV_SPILL_MAX_MB, DEFAULT_SPILL_MAX_MB))
-            * 1024
-            * 1024
+        if not isinstance(batch_prefix, str) or not batch_prefix:
+            raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
+        for value in (batch_id, resume_from):
+            if value is not None:
+                _check_batch_id(value)
+        if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
+            auto_upload_dirs = [auto_upload_dirs]
+        if drain_timeout is not None and not (isinstance(drain_timeout, (int, float)) and drain_timeout >= 0):
+            raise ValueError("drain_timeout must be a number of seconds >= 0; got %r" % (drain_timeout,))
+        self._batch_id = batch_id or resume_from or new_batch_id(batch_prefix)
+        self.experiment_type = experiment_type
+        self.source_project = source_project or "default"
+        self.command = command
+        self.n_total = n_total
+        self._intervals = (
+            _interval(heartbeat, DEFAULT_HEARTBEAT_S, "heartbeat"),
+            _interval(stop_polling, DEFAULT_STOP_POLL_S, "stop_polling"),
+            _interval(resource_snapshot, DEFAULT_RESOURCE_S, "resource_snapshot"),
         )
-        self.rotate_s = _env_float(ENV_SPILL_ROTATE_S, DEFAULT_SPILL_ROTATE_S)
-        self.url = url
-        self.header = _dumps({"argus_spill": 1, "url": url, "token": _fingerprint(token)})
-        self.source = None  # the sender's source (JSON): compact lines need it in the header
-        self._has_source = False  # the open file's header carries self.source
-        self.spilled = 0  # events this process wrote
-        self.dropped = 0  # events refused because the directory is at its cap
-        self.rejected = 0  # events set aside in the dead-letter file
-        self.failures = 0  # writes that failed (disk full, read-only, cannot create)
-        self.at_cap = False  # the last append stopped at the size cap (not a disk fault)
-        self._refuse_said = None
-        self.summarise = False  # a worker's store: its spills are summed up at exit
-        self.own = []  # names of the files this store wrote that may still hold events
-        self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
-        self._fd = None
-        self._path = None
-        self._opened = 0.0
-        self._written = 0
-        self._total = None
+        self._monitor_url = monitor_url
+        self._token = token
+        self._auto_upload_dirs = list(auto_upload_dirs or ())
+        self._all_ranks = all_ranks
+        self._durable = durable
+        self._drain_timeout = drain_timeout
+        self._job_ids = {}  # job id -> how many jobs used it (a repeat is renamed id-2, id-3...)
+        self._end_sent = False
+        self._capture = _env_flag(ENV_CAPTURE_OUTPUT) if capture_output is None else bool(capture_output)
+        self._sender = None
+        self._stopped = False
+        self._jobs = []
+        self._n_done = 0
+        self._n_failed = 0
+        self._threads = []
+        self._halt = threading.Event()
+        self._poll_transport = None
+        self._entered = False
+        self._finishing = False
+        self._finished = False
+        self._pid = None
+        self._t0 = 0.0
+        self._env_thread = None
 
-    # -- writing ----------------------------------------------------------------------
+    @property
+    def batch_id(self) -> str:
+        return self._batch_id
 
-    def _ensure_dir(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        try:
-            if os.stat(self.directory).st_mode & 0o077:
-                os.chmod(self.directory, 0o700)
-        except OSError:
-            pass
+    @property
+    def stopped(self) -> bool:
+        """True once the Argus UI's Stop button was pressed for this batch."""
+        return self._stopped
 
-    def _dir_bytes(self) -> int:
-        total = 0
-        try:
-            with os.scandir(self.directory) as it:
-                for entry in it:
-                    if entry.name.endswith((_SPILL_SUFFIX, _OPEN_SUFFIX)):
-                        try:
-                            total += entry.stat().st_size
-                        except OSError:
-                            pass
-        except OSError:
-            pass
-        return total
+    def job(self, job_id: str, *, model: str | None = None, dataset: str | None = None) -> JobContext:
+        """A job of this batch: ``with r.job("etth1_dlinear", model=..., dataset=...) as job:``."""
+        return JobContext(self, job_id, model=model, dataset=dataset)
 
-    def _open(self) -> None:
-        self._ensure_dir()
-        name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
-        path = os.path.join(self.directory, name + _OPEN_SUFFIX)
-        # Made under another name, locked and given its header before it is a .part file:
-        # a replayer never sees it empty and unlocked (it would delete it).
-        making = path + ".new"
-        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        header = self.header
-        if self.source is not None:
-            header = '%s,"source":%s}' % (header[:-1], self.source)
-        try:
-            _lock_nb(fd)
-            _write_all(fd, (header + "\n").encode("utf-8"))
-            os.rename(making, path)
-        except OSError:
-            os.close(fd)
-            _unlink(making)
-            raise
-        self._fd = fd
-        self._path = path
-        self._has_source = self.source is not None
-        self._opened = _mono()
-        self._written = 0
-        self.own.append(name)
-
-    def append(self, lines, *, rotate: bool = True) -> int:
-        """Write encoded events in order; returns how many were written (a prefix of
-        ``lines``). At the size cap only the events that fit are written and ``at_cap`` is
-        set: the caller keeps the rest, or gives them up through refuse()."""
-        if not lines:
-            return 0
-        data = ("\n".join(lines) + "\n").encode("utf-8")
-        with self._lock:
-            self.at_cap = False
-            try:
-                if self._total is None:
-                    self._ensure_dir()
-                    self._total = self._dir_bytes()
-                if self._total + len(data) > self.max_bytes:
-                    self._total = self._dir_bytes()  # others may have replayed meanwhile
-                    if self._total + len(data) > self.max_bytes:
-                        room, fits = self.max_bytes - self._total, 0
-                        for line in lines:
-                            room -= len(line.encode("utf-8")) + 1
-                            if room < 0:
-                                break
-                            fits += 1
-                        self.at_cap = True
-                        lines = lines[:fits]
-                        if not lines:
-                            return 0
-                        data = ("\n".join(lines) + "\n").encode("utf-8")
-                if self._fd is None:
-                    self._open()
-                _write_all(self._fd, data)
-            except OSError as exc:
-                self._failed(exc)
-                return 0
-            self._total += len(data)
-            self._written += len(data)
-            self.spilled += len(lines)
-            self._note(spilled=len(lines))
-            if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
-                self.rotate()
-            return len(lines)
-
-    def refuse(self, count: int, say: bool = False) -> None:
-        """Events given up because the directory is at its cap: counted, and said (the first
-        time, then at most every 10 s, and whenever ``say``)."""
-        self.dropped += count
-        self._note(dropped=count)
-        now = _mono()
-        if not say and self._refuse_said is not None and now - self._refuse_said < 10.0:
-            return
-        self._refuse_said = now
-        _log(
-            "error",
-            "argus: the spill directory %s is at its cap of %s MB: %d event(s) could not be "
-            "saved (%d so far). Run `python3 -m argus sync` or raise %s.",
-            self.directory,
-            "%g" % round(self.max_bytes / 1048576.0, 1),
-            count,
-            self.dropped,
-            ENV_SPILL_MAX_MB,
-        )
-
-    def journal(self, line) -> bool:
-        """One event straight to the open file (durable mode); True once the kernel has it.
-        ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
-        if type(line) is bytes:
-            data = line
-        else:
-            data = (line + "\n").encode("utf-8")
-        with self._lock:
-            fd = self._fd
-            if fd is not None and not self._has_source and type(line) is bytes:
-                self.rotate()  # a compact line needs the source in its file's header
-                fd = None
-            if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
-                if type(line) is bytes:
-                    line = line[:-1].decode("ascii")
-                return self.append([line], rotate=False) == 1
-            try:
-                if os.write(fd, data) != len(data):  # a short write: the disk is full
-                    raise OSError(28, "short write to %s" % self._path)
-            except OSError as exc:
-                self._failed(exc)
-                return False
-            self._total += len(data)
-            self._written += len(data)
-            return True
-
-    def _failed(self, exc: OSError) -> None:
-        self.failures += 1
-        if self._fd is not None:  # a half-written file: close it, keep what it holds
-            self.rotate()
-        self._total = None
-        _log_once(
-            "spill-fail:%s:%s" % (self.directory, getattr(exc, "errno", None)),
-            "error",
-            "argus: cannot write to the spill directory %s (%s); undelivered events are kept "
-            "in memory (up to the queue's bound) until the server answers. Point %s at a "
-            "writable directory.",
-            self.directory,
-            exc,
-            ENV_SPILL_DIR,
-        )
-
-    def _note(self, spilled: int = 0, dropped: int = 0) -> None:
-        # counted per directory, not per store: senders close (and leave _live) before atexit
-        if self.summarise:
-            counts = _spill_counts.setdefault(self.directory, [0, 0])
-            counts[0] += spilled
-            counts[1] += dropped
-
-    def has_open_data(self) -> bool:
-        return self._fd is not None and self._written > 0
-
-    def _take_open(self) -> tuple:
-        """(fd, path) of the open file, which is no longer this store's to write; (None, None)."""
-        fd, path = self._fd, self._path
-        self._fd = self._path = None
-        return fd, path
-
-    def rotate(self) -> None:
-        """Close the open file so that it can be replayed (by this or another process)."""
-        with self._lock:
-            fd, path = self._take_open()
-            if fd is None:
-                return
-            try:
-                os.fsync(fd)  # the file is complete on disk before anyone may claim it
-                os.rename(path, path[: -len(".part")])
-            except OSError as exc:
-                _log("warning", "argus: cannot close spill file %s: %s", path, exc)
-            finally:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-    close = rotate
-
-    def discard_open(self) -> None:
-        """Delete the open file: every event in it was acknowledged (durable mode)."""
-        with self._lock:
-            fd, path = self._take_open()
-            if fd is None:
-                return
-            self._total = None
-            _unlink(path)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            name = os.path.basename(path)[: -len(_OPEN_SUFFIX)]
-            if name in self.own:
-                self.own.remove(name)
-
-    def after_fork(self) -> None:
-        """In a forked child: forget the parent's open file (and its lock)."""
-        self._lock = threading.RLock()
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd = self._path = None
-        self.own = []
-
-    def _side_file(self, name: str, entries) -> None:
-        with self._lock:
-            self._ensure_dir()
-            path = os.path.join(self.directory, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                _write_all(fd, "".join(_dumps_safe(e) + "\n" for e in entries).encode("utf-8"))
-            finally:
-                os.close(fd)
-
-    def dead_letter(self, rejected) -> None:
-        """Set aside ``(event_line, status, message)`` triples the server refused."""
-        if not rejected:
-            return
-        entries = []
-        for line, status, message in rejected:
-            try:
-                event = _loads(line)
-            except ValueError:
-                event = line
-            entries.append(
-                {
-                    "rejected_at": _format_ts(_now()),
-                    "status": status,
-                    "error": _truncate(_text(message), 2000),
-                    "event": event,
-                }
+    def _claim_job_id(self, job_id: str) -> str:
+        """The id a new job is recorded under: a repeat in this batch gets a suffix."""
+        uses = self._job_ids.get(job_id, 0) + 1
+        self._job_ids[job_id] = uses
+        if "/" in job_id and uses == 1:
+            _log_once(
+                "slash:" + job_id,
+                "warning",
+                "argus: job id %r contains '/': its events are recorded, but the server cannot "
+                "address its artifacts, so its uploads are skipped. Use another separator, "
+                "e.g. %r.",
+                job_id,
+                job_id.replace("/", ":"),
             )
+        if uses == 1:
+            return job_id
+        renamed = "%s-%d" % (job_id, uses)
+        while renamed in self._job_ids:
+            uses += 1
+            renamed = "%s-%d" % (job_id, uses)
+        self._job_ids[renamed] = 1
+        _log(
+            "warning",
+            "argus: job id %r was already used in batch %s; this job is recorded as %r. "
+            "Give each job of a batch its own id.",
+            job_id,
+            self._batch_id,
+            renamed,
+        )
+        return renamed
+
+    def emit(self, event: str, **fields) -> None:
+        """Send one event of any type in this batch (escape hatch for unusual events)."""
+        if event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
+            raise ValueError(
+                "unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES + _SERVER_EXTRA_TYPES))
+            )
+        if self._sender is not None:
+            self._sender.emit(event, batch_id=self._batch_id, **fields)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what was emitted so far is delivered or spilled."""
+        return self._sender.flush(timeout) if self._sender is not None else True
+
+    def __enter__(self) -> Reporter:
+        if self._entered:
+            raise RuntimeError("a Reporter can be entered once; create a new one for a new batch")
+        self._entered = True
+        self._pid = os.getpid()
+        self._t0 = _mono()
+        elsewhere = _rank_elsewhere()
+        all_ranks = _env_flag(ENV_ALL_RANKS) if self._all_ranks is None else self._all_ranks
+        if elsewhere and not all_ranks:
+            _log_once(
+                "rank",
+                "info",
+                "argus: this process is rank %d (%s); only rank 0 reports. Set %s=1 or "
+                "Reporter(all_ranks=True) to report from every rank.",
+                elsewhere[1],
+                elsewhere[0],
+                ENV_ALL_RANKS,
+            )
+        else:
+            sender = ExperimentReporter(
+                self._monitor_url,
+                self.source_project,
+                auth_token=self._token,
+                queue_size=int(_env_float(ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE)),
+                batch_id=self._batch_id,
+                durable=self._durable,
+            )
+            if sender.enabled:
+                self._sender = sender
+                sender.batch_start(
+                    self.experiment_type,
+                    self.n_total,
+                    command=self.command if self.command is not None else _process_command(),
+                )
+        _active.append(self)
+        self._env_thread = threading.get_ident()
+        _publish_batch_env()
+        if self._sender is not None:
+            _install_sigterm()
+            self._start_daemons()
+            _capture_start(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._finishing or os.getpid() != self._pid:
+            return False  # a forked child leaving the block does not end the parent's batch
+        if exc_type is not None and issubclass(exc_type, GeneratorExit):
+            exc_type = exc = None
         try:
-            self._side_file(_DEAD_LETTER, entries)
-        except OSError as exc:
-            _log("error", "argus: cannot write the dead-letter file: %s", exc)
-        self.rejected += len(entries)
+            self._finish(exc_type, exc)
+        except Exception as exc2:  # never out of __exit__
+            _log("error", "argus: error while ending batch %s: %r", self._batch_id, exc2)
+        return False
+
+    def _finish(self, exc_type, exc, reason: str | None = None) -> None:
+        self._finishing = True
+        self._halt.set()
+        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
+            self._poll_transport.abort()
+        for thread in self._threads:
+            thread.join(THREAD_JOIN_S)
+        sender = self._sender
+        if sender is not None:
+            try:
+                if exc_type is None and reason is None:
+                    self._upload_dirs(sender)  # a SIGTERM here ends the batch as failed instead
+                    self._send_end(None)
+                else:
+                    self._send_end(reason or _reason(exc_type, exc))
+            finally:
+                sender.close(_drain_s(self._drain_timeout))
+        self._finished = True
+        self._leave()
+
+    def _send_end(self, failure: str | None) -> None:
+        """batch_done, or batch_failed with ``failure``: exactly one of them, once."""
+        if self._end_sent or self._sender is None:
+            return
+        self._end_sent = True
+        elapsed = round(_mono() - self._t0, 3)
+        if failure is None:
+            self._sender.batch_done(self._n_done, self._n_failed, total_elapsed_s=elapsed)
+        else:
+            self._sender.batch_failed(failure, total_elapsed_s=elapsed)
+
+    def _leave(self) -> None:
+        _capture_stop(self)
+        if self in _active:
+            _active.remove(self)
+        if threading.get_ident() == self._env_thread:
+            _publish_batch_env()
+        _uninstall_sigterm()
+
+    def _terminate(self, reason: str) -> None:
+        """SIGTERM: fail the open jobs and the batch, then flush or spill within the bounds."""
+        if self._finished or self._pid != os.getpid():
+            return
+        self._finishing = True
+        self._halt.set()
+        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
+            self._poll_transport.abort()
+        for job in reversed(list(self._jobs)):
+            job._end(None, None, reason)
+        self._send_end(reason)
+        if self._sender is not None:
+            self._sender.close(_drain_s(self._drain_timeout))
+        self._finished = True
+        self._leave()
+
+    def _upload_dirs(self, sender: ExperimentReporter) -> None:
+        uploads = []
+        for directory in self._auto_upload_dirs:
+            for path in _artifact_files(os.fsdecode(directory), "**/*"):
+                route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
+                uploads.append(_Upload(route, path, None, None, True))
+        if uploads:
+            sender._uploads(uploads, AUTO_UPLOAD_WAIT_S)
+
+    # -- daemon threads -------------------------------------------------------------------
+
+    def _start_daemons(self) -> None:
+        heartbeat, stop_poll, resources = self._intervals
+        if stop_poll and self._sender._offline:
+            _log_once("offline-stop", "info", "argus: offline mode: the Stop button is not polled")
+            stop_poll = None
+        for name, target, interval in (
+            ("argus-stop-poller", self._poll_stop, stop_poll),
+            ("argus-heartbeat", self._beat, heartbeat),
+            ("argus-resources", self._sample, resources),
+        ):
+            if interval:
+                thread = threading.Thread(target=target, args=(interval,), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _poll_stop(self, interval: float) -> None:
+        sender = self._sender
+        route = "/api/batches/%s/stop-requested" % _quote(self._batch_id)
+        transport = None
+        delay = interval
+        backoff = 1.0  # doubles on each 429 of the poll itself, halves on each answer
+        try:
+            while not self._halt.wait(delay):
+                # A shared token's budget goes to the events first: while ingest is being
+                # paced (429s), the poll waits several of its gaps.
+                delay = interval * backoff + 4.0 * sender.sender._pace_gap
+                try:
+                    if transport is None:
+                        transport = self._poll_transport = _make_transport(sender.url, sender._token)
+                    status, headers, body = transport.request(
+                        "GET", route, timeout=min(THREAD_JOIN_S, max(1.0, interval))
+                    )
+                except _NetworkError:
+                    continue
+                except Exception as exc:  # a fault costs this poll, never the poller
+                    _log_once("poll:%d" % id(self), "warning", "argus: a stop poll failed: %r", exc)
+                    continue
+                if status != 429:
+                    backoff = max(1.0, backoff / 2)
+                if status == 200:
+                    try:
+                        answer = _loads(body.decode("utf-8"))
+                    except ValueError:
+                        continue
+                    if isinstance(answer, dict) and (
+                        answer.get("requested") is True or answer.get("stop_requested") is True
+                    ):
+                        self._stopped = True
+                        _log("warning", "argus: Stop was requested for batch %s", self._batch_id)
+                        return
+                elif status == 429:
+                    backoff = min(32.0, backoff * 2)
+                    delay = max(interval * backoff, _retry_after(headers, interval)) + 4.0 * sender.sender._pace_gap
+                elif status in (401, 403):
+                    _log(
+                        "error",
+                        "argus: the stop poller was refused (%d %s); the Stop button will not "
+                        "work for this run",
+                        status,
+                        _error_text(body),
+                    )
+                    return
+                # 404: the server has not stored the batch yet; anything else: try again
+        except Exception as exc:
+            _log("error", "argus: the stop poller stopped: %r", exc)
+        finally:
+            if transport is not None:
+                transport.close()
+
+    def _beat(self, interval: float) -> None:
+        """A batch-level resource_snapshot when nothing was sent for ``interval`` seconds, so
+        that a quiet but healthy run does not look stalled. It carries a cheap real sample
+        (this process's memory and CPU): a row of nulls is an empty point in the charts."""
+        sender = self._sender
+        sample = _ProcessSample()
+        try:
+            while True:
+                if sender._queue or sender.worker._inflight:  # events are on their way: not quiet
+                    sender.sender._last_activity = _mono()
+                quiet = _mono() - sender.sender._last_activity
+                if self._halt.wait(max(0.05, interval - quiet)):
+                    return
+                if sender._queue or sender.worker._inflight:
+                    sender.sender._last_activity = _mono()
+                if _mono() - sender.sender._last_activity >= interval:
+                    sender.resource_snapshot(
+                        heartbeat=True, elapsed_s=round(_mono() - self._t0, 1), **sample.take()
+                    )
+                    sender.sender._last_activity = _mono()
+        except Exception as exc:
+            _log("error", "argus: the heartbeat stopped: %r", exc)
+
+    def _sample(self, interval: float) -> None:
+        try:
+            sampler = _ResourceSampler()
+            while not self._halt.wait(interval):
+                fields = sampler.sample()
+                if fields and not self._halt.is_set():  # a late sample would outlive the batch
+                    self._sender.resource_snapshot(**fields)
+        except Exception as exc:
+            _log("error", "argus: resource sampling stopped: %r", exc)
+
+    def _after_fork(self) -> None:
+        self._threads = []  # they do not exist in the child
+        self._halt = threading.Event()
+
+
+class _ProcessSample:
+    """This process's resident memory (MB) and CPU use (% of one core since the last take):
+    two cheap reads, no /proc walk, no GPU query."""
+
+    def __init__(self):
+        self._cpu = self._cpu_s()
+        self._at = _mono()
+
+    @staticmethod
+    def _cpu_s() -> float:
+        times = os.times()
+        return times[0] + times[1]
+
+    def take(self) -> dict:
+        out = {}
+        now, cpu = _mono(), self._cpu_s()
+        if now > self._at:
+            out["proc_cpu_pct"] = round(100.0 * (cpu - self._cpu) / (now - self._at), 1)
+        self._cpu, self._at = cpu, now
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                resident = int(f.read().split()[1])
+            out["proc_ram_mb"] = round(resident * os.sysconf("SC_PAGE_SIZE") / 1048576.0, 1)
+        except (OSError, ValueError, IndexError, AttributeError):
+            try:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+                out["proc_ram_mb"] = round(peak / (1048576.0 if sys.platform == "darwin" else 1024.0), 1)
+            except (ImportError, OSError, AttributeError):
+                pass
+        return out
+
+
+def _artifact_files(path, pattern: str) -> list:
+    from pathlib import Path
+
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.glob(pattern) if p.is_file())
+    else:
+        _log("warning", "argus: %s does not exist; nothing uploaded", root)
+        return []
+    kept = [str(p) for p in files if p.suffix.lower() in ARTIFACT_EXTENSIONS]
+    if len(kept) < len(files):
+        _log(
+            "info",
+            "argus: %d file(s) under %s skipped: only %s are uploaded",
+            len(files) - len(kept),
+            root,
+            "/".join(ARTIFACT_EXTENSIONS),
+        )
+    return kept
+
+
+class _Ended:
+    """Stands in for the sender of a job whose block ended: its calls are refused, once loudly."""
+
+    _slow = True
+
+
+_ENDED = _Ended()
+
+
+class JobContext:
+    """Context manager for one job of a batch: ``job_start`` in, ``job_done``/``job_failed`` out."""
+
+    def __init__(self, parent: Reporter, job_id: str, *, model: str | None = None, dataset: str | None = None):
+        if not isinstance(parent, Reporter):
+            raise TypeError("JobContext needs a Reporter: use `with reporter.job(job_id) as job:`")
+        _check_job_id(job_id)
+        self._parent = parent
+        self._job_id = job_id
+        self._model = model
+        self._dataset = dataset
+        self._sender = None
+        self._metrics = {}
+        self._epochs = 0
+        self._entered = False
+        self._done = False
+        self._pid = None
+        self._t0 = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self._job_id
+
+    @property
+    def stopped(self) -> bool:
+        return self._parent._stopped
+
+    def __enter__(self) -> JobContext:
+        if self._entered:
+            raise RuntimeError("a JobContext can be entered once; call reporter.job(...) again")
+        self._entered = True
+        self._pid = os.getpid()
+        self._t0 = _mono()
+        self._job_id = self._parent._claim_job_id(self._job_id)
+        self._sender = self._parent._sender
+        self._parent._jobs.append(self)
+        if self._sender is not None:
+            self._sender.job_start(self._job_id, model=self._model, dataset=self._dataset)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._done or os.getpid() != self._pid:
+            return False
+        if exc_type is not None and issubclass(exc_type, GeneratorExit):
+            exc_type = exc = None
+        try:
+            self._end(exc_type, exc)
+        except Exception as exc2:  # never out of __exit__
+            _log("error", "argus: error while ending job %s: %r", self._job_id, exc2)
+        return False
+
+    def _end(self, exc_type, exc, reason: str | None = None) -> None:
+        self._done = True
+        try:
+            _end_job_log(self, exc)  # its last console lines, then the traceback of a failure
+        except Exception as exc2:
+            _log("error", "argus: could not send the end of job %s's log: %r", self._job_id, exc2)
+        self._sender_after = self._sender
+        self._sender = _ENDED
+        parent = self._parent
+        if self in parent._jobs:
+            parent._jobs.remove(self)
+        elapsed = round(_mono() - self._t0, 3)
+        sender = self._sender_after
+        if exc_type is None and reason is None:
+            parent._n_done += 1
+            if sender is not None:
+                sender.job_done(
+                    self._job_id, metrics=self._metrics or None, elapsed_s=elapsed, train_epochs=self._epochs
+                )
+        else:
+            parent._n_failed += 1
+            if sender is not None:
+                sender.job_failed(self._job_id, reason=reason or _reason(exc_type, exc), elapsed_s=elapsed)
+
+    def _not_entered(self) -> None:
+        if not self._entered:
+            raise RuntimeError("use the job as a context manager: `with reporter.job(job_id) as job:`")
+
+    def _after_end(self, call: str) -> None:
         _log_once(
-            "dead-letter:" + self.directory,
-            "error",
-            "argus: the server rejected %d event(s) (%s %s); they are kept in %s and not "
-            "retried. Later rejections are counted there without another log line.",
-            len(entries),
-            entries[0]["status"],
-            entries[0]["error"],
-            os.path.join(self.directory, _DEAD_LETTER),
+            "ended:%d" % id(self),
+            "warning",
+            "argus: job.%s() for job %r after its `with` block ended is not sent. Call it "
+            "inside the block.",
+            call,
+            self._job_id,
         )
 
-    def record_upload(self, entry: dict) -> None:
-        self.record_upload_many([entry])
+    def epoch(
+        self, epoch: int, *, train_loss=None, val_loss=None, lr=None, batch_time_ms=None, **extra
+    ) -> None:
+        """Emit one ``job_epoch`` event (None values are left out)."""
+        # The hot path of every training loop: ExperimentReporter._submit inlined.
+        sender = self._sender
+        if sender is None or sender._slow or extra:
+            return self._epoch(epoch, train_loss, val_loss, lr, batch_time_ms, extra)
+        self._epochs += 1
+        data = {"epoch": epoch}
+        if train_loss is not None:
+            data["train_loss"] = train_loss
+        if val_loss is not None:
+            data["val_loss"] = val_loss
+        if lr is not None:
+            data["lr"] = lr
+        if batch_time_ms is not None:
+            data["batch_time_ms"] = batch_time_ms
+        for value in data.values():
+            if type(value) not in _PLAIN_TYPES:
+                data = _jsonable(data)
+                data["epoch"] = _epoch_number(epoch)
+                break
+        if sender.durable:
+            return sender._submit_durable("job_epoch", self._job_id, data)
+        queue = sender._queue
+        if len(queue) >= sender._qmax:
+            return sender._overflow(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
+        queue.append(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
+        if sender._idle:
+            sender._wake()
 
-    def record_upload_many(self, entries: list) -> None:
-        """Remember uploads that could not be made now (path, size, route) for ``argus sync``."""
-        try:
-            self._side_file(_PENDING_UPLOADS, entries)
-        except OSError as exc:
-            _log("error", "argus: cannot record a pending upload: %s", exc)
+    def _epoch(self, epoch, train_loss, val_loss, lr, batch_time_ms, extra) -> None:
+        sender = self._sender
+        if sender is None:
+            return self._not_entered()
+        if sender is _ENDED:
+            return self._after_end("epoch")
+        self._epochs += 1
+        data = {"epoch": _epoch_number(epoch)}
+        for key, value in (
+            ("train_loss", train_loss),
+            ("val_loss", val_loss),
+            ("lr", lr),
+            ("batch_time_ms", batch_time_ms),
+        ):
+            if value is not None:
+                data[key] = value
+        data.update({k: v for k, v in extra.items() if v is not None})
+        sender._submit("job_epoch", self._job_id, data)
 
-    # -- replaying --------------------------------------------------------------------
+    def metrics(self, m: dict) -> None:
+        """Stash final metrics; they are sent with ``job_done``."""
+        if not isinstance(m, dict):
+            raise TypeError("metrics() takes a dict, e.g. job.metrics({'MSE': 0.44}); got %r" % (m,))
+        if self._sender is _ENDED:
+            return self._after_end("metrics")
+        self._metrics.update(_jsonable(m))
 
-    def _candidates(self) -> list:
-        found = []
-        try:
-            with os.scandir(self.directory) as it:
-                for entry in it:
-                    name = entry.name
-                    if name in (_DEAD_LETTER, _PENDING_UPLOADS):
-                        continue
-                    if name.endswith(_SPILL_SUFFIX) or name.endswith(_OPEN_SUFFIX):
-                        try:
-                            st = entry.stat()
-                        except OSError:
-                            continue
-                        found.append((st.st_mtime, name, entry.path, st.st_size))
-        except OSError:
-            return []
-        found.sort()
-        return found
+    def log(self, message, level: str = "INFO") -> None:
+        """Emit a ``log_line`` event (level in lower case; long lines are truncated)."""
+        sender = self._sender
+        if sender is None:
+            return self._not_entered()
+        if sender is _ENDED:
+            return self._after_end("log")
+        sender.log_line(self._job_id, message, level=level)
 
-    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
-        """Claim the oldest unclaimed spill file, or return None when there is none.
+    def upload(self, path, *, glob: str = "**/*.png") -> int:
+        """Upload a file, or the files under a directory matching ``glob``.
 
-        ``match(claim)`` decides whether a file is for us (a file without a header,
-        written by an older version, has the destination None); ``own_only`` takes only
-        files this store wrote, oldest first: the backlog of this run.
+        Only .png/.jpg/.jpeg/.pdf/.svg files are sent. Returns how many were uploaded; uploads
+        leave after the events queued before them and are skipped while the server is
+        unreachable (or recorded for ``argus sync`` in offline mode).
         """
-        candidates = self._candidates()
-        if own_only:
-            own = set(self.own)
-            candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
-        for mtime, name, path, size in candidates:
-            if path in skip or path == self._path:
-                continue
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                if not _lock_nb(fd) or os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    os.close(fd)  # held by its writer or another replayer, or replaced
-                    continue
-            except OSError:
-                os.close(fd)
-                continue
-            if name.endswith(_OPEN_SUFFIX) and size == 0:
-                _unlink(path)  # an empty file whose writer is gone (we hold its lock)
-                os.close(fd)
-                continue
-            claim = _Claim(self, path, fd, mtime)
-            if match is not None and not match(claim):
-                claim._close()
-                if isinstance(skip, set):
-                    skip.add(path)
-                continue
-            return claim
-        return None
-
-    def forget(self, path: str) -> None:
-        name = _base_name(os.path.basename(path))
-        if name in self.own:
-            self.own.remove(name)
-
-    def own_backlog(self) -> bool:
-        """True while a file this store wrote may still hold undelivered events."""
-        if self.has_open_data():
-            return True
-        current = _base_name(os.path.basename(self._path)) if self._path else None
-        self.own = [
-            name
-            for name in self.own
-            if name != current
-            and any(os.path.exists(os.path.join(self.directory, name + sfx)) for sfx in (_SPILL_SUFFIX, _OPEN_SUFFIX))
-        ] + ([current] if current in self.own else [])
-        return any(name != current for name in self.own)
-
-    def backlog(self) -> dict:
-        """Files, events, bytes, the oldest file's age and the destinations of what waits."""
-        files = events = nbytes = 0
-        oldest = None
-        destinations = {}
-        for mtime, _name, path, size in self._candidates():
-            files += 1
-            nbytes += size
-            oldest = mtime if oldest is None else min(oldest, mtime)
-            count, destination = _file_events(path)
-            events += count
-            key = destination or "(any)"
-            destinations[key] = destinations.get(key, 0) + count
-        return {
-            "directory": self.directory,
-            "files": files,
-            "events": events,
-            "bytes": nbytes,
-            "oldest": _format_ts(oldest) if oldest else None,
-            "destinations": destinations,
-            "dead_letter": _count_lines(os.path.join(self.directory, _DEAD_LETTER)),
-            "pending_uploads": _count_lines(os.path.join(self.directory, _PENDING_UPLOADS)),
-        }
+        sender = self._sender
+        if sender is None:
+            self._not_entered()
+            return 0
+        if sender is _ENDED:
+            self._after_end("upload")
+            return 0
+        if "/" in self._job_id:
+            _log("warning", "argus: upload of %s skipped: job id %r contains '/'", path, self._job_id)
+            return 0
+        route = "/api/jobs/%s/artifacts" % _quote(self._job_id)
+        uploads = [_Upload(route, p, None, None, False) for p in _artifact_files(path, glob)]
+        if not uploads:
+            return 0
+        return sum(1 for result in sender._uploads(uploads) if result is not None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# ---------------------------------------------------------------------------------------
+# Module-level helpers: batch ids, emit, sub_env
+# ---------------------------------------------------------------------------------------
+
+_active = []  # entered Reporters of this process, innermost last
+_state_lock = threading.Lock()
+_explicit_batch_id = None
+_global_sender = None
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def new_batch_id(prefix: str = "batch") -> str:
+    """A fresh ``<prefix>-<12 hex>`` batch id."""
+    return "%s-%s" % (prefix, os.urandom(6).hex())
 
 
-def _base_name(name: str) -> str:
-    for suffix in (_OPEN_SUFFIX, _SPILL_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def derive_batch_id(
+    project: str, experiment_name: str, git_sha: str | None = None, *, prefix: str = "bench"
+) -> str:
+    """A deterministic ``<prefix>-<16 hex>`` id: the same inputs give the same batch.
 
-
-def _fingerprint(token: str | None) -> str | None:
-    """A short hash that tells two tokens apart and reveals nothing of either."""
-    if not token:
-        return None
+    ``git_sha=None`` asks ``git rev-parse HEAD``; when git is missing or fails, and when
+    ``git_sha == ""``, the value ``"no-git"`` is used. Every Argus client uses this formula.
+    """
     import hashlib
 
-    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+    if git_sha is None:
+        git_sha = _git_commit(short=False) or "no-git"
+    elif git_sha == "":
+        git_sha = "no-git"
+    key = "%s|%s|%s" % (project, experiment_name, git_sha)
+    return "%s-%s" % (prefix, hashlib.sha256(key.encode("utf-8")).hexdigest()[:16])
 
 
-def _header(line: str):
-    """A spill file's header line as a dict (``url``, ``token`` fingerprint), else None."""
-    if not line.startswith('{"argus_spill"'):
+def set_batch_id(batch_id: str) -> None:
+    """Publish a batch id for ``emit()`` and for child processes (``ARGUS_BATCH_ID``)."""
+    global _explicit_batch_id
+    _check_batch_id(batch_id)
+    _explicit_batch_id = batch_id
+    if _env_base["saved"]:  # a Reporter is open: it names the batch until it closes
+        _env_base["value"] = batch_id
+    else:
+        os.environ[ENV_BATCH_ID] = batch_id
+
+
+_env_base = {"saved": False, "value": None}  # ARGUS_BATCH_ID as it was before any Reporter
+
+
+def _publish_batch_env() -> None:
+    """ARGUS_BATCH_ID names the innermost open batch; with none open, what it was before."""
+    innermost = _active[-1].batch_id if _active else None
+    current = os.environ.get(ENV_BATCH_ID)
+    if innermost is not None:
+        if not _env_base["saved"]:
+            _env_base.update(saved=True, value=current)
+        if current != innermost:
+            os.environ[ENV_BATCH_ID] = innermost
+        return
+    if _env_base["saved"]:
+        base = _env_base["value"]
+        _env_base.update(saved=False, value=None)
+        if base is None:
+            os.environ.pop(ENV_BATCH_ID, None)
+        elif current != base:
+            os.environ[ENV_BATCH_ID] = base
+
+
+def get_batch_id() -> str | None:
+    """The active Reporter's batch id, else the one set or inherited, else None."""
+    if _active:
+        return _active[-1].batch_id
+    return _explicit_batch_id or os.environ.get(ENV_BATCH_ID) or None
+
+
+def _sender_for_emit() -> ExperimentReporter:
+    global _global_sender
+    with _state_lock:
+        if _global_sender is None or _global_sender._closed:
+            project = os.environ.get("ARGUS_PROJECT", "").strip() or "default"
+            _global_sender = ExperimentReporter(None, project, queue_size=DEFAULT_QUEUE_SIZE)
+        return _global_sender
+
+
+def emit(event: str, **fields) -> None:
+    """Send one event: through the active Reporter, or else under ``get_batch_id()``."""
+    if _active:
+        return _active[-1].emit(event, **fields)
+    batch_id = get_batch_id()
+    if batch_id is None:
+        _log_once(
+            "emit-no-batch",
+            "warning",
+            "argus.emit(%r) outside a Reporter needs a batch id: call argus.set_batch_id(...) "
+            "or set %s; the event is not sent",
+            event,
+            ENV_BATCH_ID,
+        )
         return None
-    try:
-        header = _loads(line)
-    except ValueError:
-        return None
-    return header if isinstance(header, dict) else None
+    return _sender_for_emit().emit(event, batch_id=batch_id, **fields)
 
 
-def _file_events(path: str) -> tuple:
-    """(events, destination URL) of a spill file."""
-    try:
-        with open(path, "rb") as f:
-            first = f.readline()
-            count = first.count(b"\n") + sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-    except OSError:
-        return 0, None
-    header = _header(first.decode("utf-8", "replace").strip())
-    if header is None:
-        return count, None
-    return count - 1, header.get("url")
+def sub_env(template: str, **extra) -> str:
+    """Replace ``${name}`` placeholders: argus values, environment variables, then ``extra``.
 
-
-def _count_lines(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-    except OSError:
-        return 0
-
-
-class _Claim:
-    """One spill file held by this process while its events are re-sent."""
-
-    def __init__(self, store: SpillStore, path: str, fd: int, mtime: float):
-        self.store = store
-        self.path = path
-        self._fd = fd
-        self._mtime = mtime
-        with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read()
-        lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
-        self.header = None
-        self.destination = None  # the server URL the events were written for (None: any)
-        self.token_fp = None  # the fingerprint of the token they were written under
-        header = _header(lines[0]) if lines else None
-        source = None
-        if header is not None:
-            self.header = lines.pop(0)
-            self.destination = header.get("url")
-            self.token_fp = header.get("token")
-            source = header.get("source")
-        if any(ln[0] == "~" for ln in lines):  # durable mode's compact lines: encoded now
-            source = _dumps_safe(source if isinstance(source, dict) else {"project": "unknown"})
-            lines = [(_expand(ln, source) or ln) if ln[0] == "~" else ln for ln in lines]
-        self.lines = lines
-        self.pos = 0
-
-    def left(self) -> int:
-        return len(self.lines) - self.pos
-
-    def next_chunk(self, limit: int = MAX_BATCH_EVENTS, skip_ids=None) -> list:
-        """Up to ``limit`` ``(event_id, line)`` pairs; malformed lines go to the dead letter.
-
-        Events whose id is in ``skip_ids`` (acknowledged after they were written here) are
-        passed over and removed from that set.
-        """
-        pairs, poison = [], []
-        nbytes = 0
-        while self.pos < len(self.lines) and len(pairs) < limit and nbytes < MAX_BATCH_BYTES:
-            line = self.lines[self.pos]
-            self.pos += 1
-            try:
-                event = _loads(line)
-                event_id = event["event_id"] if isinstance(event, dict) else None
-            except (ValueError, KeyError):
-                event_id = None
-            if not isinstance(event_id, str):
-                poison.append((line, "malformed", "unreadable line in spill file %s" % self.path))
-                continue
-            if skip_ids and event_id in skip_ids:
-                skip_ids.discard(event_id)
-                continue
-            pairs.append((event_id, line))
-            nbytes += len(line)
-        self.store.dead_letter(poison)
-        return pairs
-
-    def done(self) -> None:
-        _unlink(self.path)
-        self.store.forget(self.path)
-        self._close()
-
-    def rewrite(self, lines: list) -> None:
-        """Give the file back holding only ``lines`` (deleted when there are none)."""
-        self.lines, self.pos = lines, 0
-        if not lines:
-            return self.done()
-        self.pos = len(lines)  # release() rewrites a file it has read from
-        self.release(lines)
-
-    def release(self, unsent=()) -> None:
-        """Give the file back, keeping ``unsent`` plus everything not yet read."""
-        remaining = list(unsent) + self.lines[self.pos :]
-        if not remaining:
-            return self.done()
-        if self.pos:
-            tmp = self.path + ".tmp"
-            head = [self.header] if self.header else []
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    _write_all(fd, ("\n".join(head + remaining) + "\n").encode("utf-8"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.utime(tmp, (self._mtime, self._mtime))  # keep its place in the order
-                target = self.path
-                if target.endswith(".part"):
-                    target = target[: -len(".part")]
-                os.replace(tmp, target)
-                if target != self.path:
-                    os.unlink(self.path)
-            except OSError as exc:
-                _unlink(tmp)
-                _log("warning", "argus: cannot rewrite spill file %s: %s", self.path, exc)
-        self._close()
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)  # also releases the lock
-            except OSError:
-                pass
-            self._fd = None
-
-
-# ---------------------------------------------------------------------------------------
-# Transports
-# ---------------------------------------------------------------------------------------
-
-
-class _NetworkError(Exception):
-    """Connection refused or reset, DNS, TLS, timeout: anything without an HTTP status.
-
-    ``sent`` is False when the request certainly did not reach the server (it failed while
-    connecting), so that a retry cannot store anything twice.
+    Known argus names: ``argus_batch_id``, ``argus_job_id``, ``argus_project``, ``argus_url``.
+    Keyword arguments win; unknown placeholders stay as written.
     """
+    import re
 
-    def __init__(self, message: str, sent: bool = True):
-        super().__init__(message)
-        self.sent = sent
+    values = dict(os.environ)
+    reporter = _active[-1] if _active else None
+    argus_values = {
+        "argus_batch_id": get_batch_id(),
+        "argus_job_id": (reporter._jobs[-1].job_id if reporter and reporter._jobs else None)
+        or os.environ.get("ARGUS_JOB_ID"),
+        "argus_project": (reporter.source_project if reporter else None)
+        or os.environ.get("ARGUS_PROJECT"),
+        "argus_url": (reporter._sender.url if reporter and reporter._sender else None)
+        or _resolve_url()[0],
+    }
+    values.update({k: v for k, v in argus_values.items() if v})
+    values.update({k: str(v) for k, v in extra.items()})
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+        lambda m: values.get(m.group(1), m.group(0)),
+        template,
+    )
 
 
-def _short_cause(exc: BaseException) -> str:
-    """One short cause for a failed request: "connection refused", "timed out"..."""
-    text = str(exc) or type(exc).__name__
-    lowered = text.lower()
-    for needle, cause in (
-        ("refused", "connection refused"),
-        ("timed out", "timed out"),
-        ("timeout", "timed out"),
-        ("name or service not known", "unknown host"),
-        ("nodename nor servname", "unknown host"),
-        ("temporary failure in name resolution", "unknown host (DNS)"),
-        ("certificate verify failed", "TLS certificate not trusted"),
-        ("reset by peer", "connection reset"),
-        ("remote end closed", "connection closed by the server"),
-        ("remotedisconnected", "connection closed by the server"),
-        ("no route to host", "no route to host"),
-        ("network is unreachable", "network unreachable"),
+# ---------------------------------------------------------------------------------------
+# Job logs: tracebacks, logging handler, console capture
+# ---------------------------------------------------------------------------------------
+# Three ways into a job's log pane besides job.log(): the traceback of a failure (always),
+# records of the `logging` module (argus.LogHandler) and console output
+# (Reporter(capture_output=True)). Each sends log_line events to the innermost open job of
+# the innermost active Reporter. A log_line needs a job id (PROTOCOL.md), so a batch that
+# fails outside any job has no log to put its traceback in: its cause is in batch_failed.
+
+
+def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
+    """One ``log_line`` (level error) with the scrubbed, bounded traceback of ``exc``."""
+    if not isinstance(exc, BaseException) or not _env_flag(ENV_TRACEBACKS, True):
+        return
+    try:
+        sender.log_line(job_id, _traceback_text(exc, sender._token), level="error")
+    except Exception as error:  # a failure report must not fail
+        _log("warning", "argus: could not send the traceback of job %s: %r", job_id, error)
+
+
+def _traceback_text(exc: BaseException, token: str | None = None) -> str:
+    """The formatted traceback, secrets hidden, cut from the front to TRACEBACK_MAX_BYTES."""
+    import traceback
+
+    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    text = _scrub_text(full[-4 * TRACEBACK_MAX_BYTES :], token)  # bound the scrubbing too
+    data = text.encode("utf-8", "replace")
+    if len(full) <= 4 * TRACEBACK_MAX_BYTES and len(data) <= TRACEBACK_MAX_BYTES:
+        return text
+    # Keep the end: the exception itself and its innermost frames, from a line start on.
+    marker = "[argus: this traceback was cut to its last %d KiB]\n" % (TRACEBACK_MAX_BYTES // 1024)
+    tail = data[-(TRACEBACK_MAX_BYTES - len(marker)) :].decode("utf-8", "ignore")
+    line_start = tail.find("\n", 0, 1024)
+    return marker + tail[line_start + 1 :]
+
+
+def _scrub_text(text: str, token: str | None = None) -> str:
+    """Hide secrets in free text with the command line's rules (see _scrub_args).
+
+    ``--token X``, ``password=X``, ``api_key: X``, ``"secret": "X"``, em_live_ tokens,
+    ``Bearer X``, the password of ``scheme://user:password@host`` and the configured token.
+    """
+    import re
+
+    if token and len(token) >= 4:
+        text = text.replace(token, "***")
+
+    value = r"(\"[^\"\n]*\"|'[^'\n]*'|[^\s'\",;()\[\]{}]+)"
+    for pattern in (
+        r"(?<![\w-])(--?[A-Za-z][\w.-]*)(\s+)" + value,  # --token X
+        r"\b([A-Za-z_][\w.-]*)(['\"]?\s*(?:=(?!=)|:)\s*)" + value,  # password=X, "secret": "X"
     ):
-        if needle in lowered:
-            return cause
-    return _truncate(text, 200)
-
-
-def _proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy URL for a request, from HTTP(S)_PROXY and NO_PROXY (either case)."""
-
-    def env(name):
-        return os.environ.get(name.lower()) or os.environ.get(name.upper()) or ""
-
-    proxy = env("%s_proxy" % scheme) or env("all_proxy")
-    if not proxy:
-        return None
-    for entry in env("no_proxy").replace(" ", "").split(","):
-        if not entry:
-            continue
-        if entry == "*":
-            return None
-        entry = entry.lstrip(".").split(":")[0].lower()
-        if host.lower() == entry or host.lower().endswith("." + entry):
-            return None
-    return proxy if "://" in proxy else "http://" + proxy
-
-
-class _StdlibTransport:
-    """HTTP/1.1 with keep-alive on ``http.client``; proxies by CONNECT or absolute URI."""
-
-    name = "urllib"
-
-    def __init__(self, base_url: str, token: str | None = None):
-        import http.client
-        from urllib.parse import unquote, urlsplit
-
-        self._http = http.client
-        url = urlsplit(base_url)
-        self.base_url = base_url
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "localhost"
-        self._port = url.port or (443 if self._https else 80)
-        self._prefix = url.path.rstrip("/")
-        self._headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
-        if token:
-            self._headers["Authorization"] = "Bearer " + token
-        self._proxy = None
-        proxy = _proxy_for(url.scheme, self._host)
-        if proxy:
-            p = urlsplit(proxy)
-            self._proxy = (p.hostname, p.port or 8080)
-            if p.username:
-                import base64
-
-                creds = "%s:%s" % (unquote(p.username), unquote(p.password or ""))
-                self._proxy_auth = "Basic " + base64.b64encode(creds.encode()).decode()
+        # name, separator, value; after a name that is no secret, the search goes on from
+        # its value, which may be a pair itself ("error: password=X")
+        pattern, out, pos = re.compile(pattern), [], 0
+        m = pattern.search(text)
+        while m:
+            if _is_secret_name(m.group(1)):
+                quote = m.group(3)[0] if m.group(3)[0] in "'\"" else ""
+                out.append(text[pos : m.start(3)] + quote + "***" + quote)
+                pos = m.end()
             else:
-                self._proxy_auth = None
-        self._conn = None
+                out.append(text[pos : m.end(2)])
+                pos = m.end(2)
+            m = pattern.search(text, pos)
+        text = "".join(out) + text[pos:]
+    text = re.sub(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
+    text = re.sub(r"(?i)\b(bearer)(\s+)[\w.~+/-]+=*", r"\1\2***", text)
+    text = re.sub(r"\b(Basic)(\s+)[A-Za-z0-9+/]{12,}={0,2}(?!\w)", r"\1\2***", text)
+    return re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
 
-    def _connect(self, timeout: float):
-        http = self._http
-        if self._https:
-            import ssl
 
-            bundle = _ca_bundle()
-            ctx = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
-            if self._proxy:
-                conn = http.HTTPSConnection(*self._proxy, timeout=timeout, context=ctx)
-                headers = {"Proxy-Authorization": self._proxy_auth} if self._proxy_auth else None
-                conn.set_tunnel(self._host, self._port, headers=headers)
-                return conn
-            return http.HTTPSConnection(self._host, self._port, timeout=timeout, context=ctx)
-        if self._proxy:
-            return http.HTTPConnection(*self._proxy, timeout=timeout)
-        return http.HTTPConnection(self._host, self._port, timeout=timeout)
+def _end_job_log(job: JobContext, exc) -> None:
+    """Before ``job_done``/``job_failed``: the job's last console lines, then its traceback."""
+    sender = job._sender
+    if sender is None or sender is _ENDED:
+        return
+    if _capture_users and job._parent._capture:
+        _capture_flush(job)
+    if exc is not None:
+        _send_traceback(sender, job._job_id, exc)
 
-    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
-        """Return ``(status, headers, body_bytes)``; raise _NetworkError without an answer."""
-        target = self._prefix + path
-        hdrs = dict(self._headers)
-        if headers:
-            hdrs.update(headers)
-        if self._proxy and not self._https:
-            target = "http://%s:%d%s" % (self._host, self._port, target)
-            if self._proxy_auth:
-                hdrs["Proxy-Authorization"] = self._proxy_auth
-        timeout = max(0.05, timeout)
-        for attempt in (0, 1):
-            reused = self._conn is not None
+
+def _send_line(sender: ExperimentReporter, job_id: str, line: str, level: str) -> None:
+    """``log_line`` for a checked job id and a lower-case level: the short way, per record."""
+    text = _truncate(line)
+    sender._submit("log_line", job_id, {"line": text, "level": level}, size=len(text) + 64)
+
+
+def _open_job():
+    """The innermost open job of the innermost active Reporter, if that Reporter sends."""
+    try:
+        jobs = _active[-1]._jobs if _active else None
+        job = jobs[-1] if jobs else None
+    except IndexError:  # a Reporter or a job ended on another thread just now
+        return None
+    return job if job is not None and job._sender is not None else None
+
+
+_LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
+
+
+def _level_name(levelno: int) -> str:
+    """A logging level as the server stores it; custom levels go to the standard one below."""
+    if levelno >= 40:
+        return "critical" if levelno >= 50 else "error"
+    if levelno >= 30:
+        return "warning"
+    return "info" if levelno >= 20 else "debug"
+
+
+def _on_argus_thread(name: str | None = None) -> bool:
+    # Records and output of the SDK's own threads (urllib3's debug lines about the worker's
+    # requests) would feed themselves: each would make another request.
+    return (name or threading.current_thread().name).startswith("argus-")
+
+
+def __getattr__(name: str):
+    # PEP 562: LogHandler subclasses logging.Handler, and `import argus` must not import
+    # logging; the class is made on first access and then is a plain module attribute.
+    if name == "LogHandler":
+        with _state_lock:
+            cls = globals().get("LogHandler")
+            if cls is None:
+                cls = _build_log_handler()
+                cls.__module__, cls.__qualname__ = __name__, "LogHandler"  # pickle finds it here
+                globals()["LogHandler"] = cls
+        return cls
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def __dir__():
+    return sorted(set(globals()) | {"LogHandler"})
+
+
+def _build_log_handler():
+    import logging
+
+    own, own_prefix = __name__, __name__ + "."
+
+    class LogHandler(logging.Handler):
+        """Send ``logging`` records to the open job's log in Argus.
+
+        ``logging.getLogger().addHandler(argus.LogHandler())`` is all it takes. A record
+        emitted while a job is open goes to the innermost open job of the innermost active
+        Reporter, at its level in lower case (debug/info/warning/error/critical). A record
+        outside any job goes to ``job_id`` when one is given (in the active batch, or under
+        ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are never
+        forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
+        """
+
+        def __init__(self, job_id: str | None = None, level: int = logging.NOTSET) -> None:
+            super().__init__(level)
+            if job_id is not None:
+                _check_job_id(job_id)
+            self.job_id = job_id
+
+        def emit(self, record) -> None:
+            name = record.name
+            if name == own or name.startswith(own_prefix) or _on_argus_thread(record.threadName):
+                return
             try:
-                conn = self._conn or self._connect(timeout)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise _NetworkError(
-                    "TLS setup failed (CA bundle %s): %s" % (_ca_bundle(), exc), sent=False
-                ) from None
-            self._conn = conn
-            sent = False
-            try:
-                conn.timeout = timeout
-                if conn.sock is None:
-                    conn.connect()
-                    _no_delay(conn.sock)
-                conn.sock.settimeout(timeout)
-                conn.request(method, target, body=body, headers=hdrs)
-                sent = True
-                resp = conn.getresponse()
-                data = resp.read()
-                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-            except (self._http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                self.close()
-                if reused and attempt == 0 and not sent:
-                    continue  # the server closed an idle keep-alive connection
-                raise _NetworkError(_short_cause(exc), sent=sent) from None
-            except Exception as exc:  # AttributeError: the socket was taken away by abort()
-                self.close()
-                raise _NetworkError(_short_cause(exc), sent=sent) from None
-        raise _NetworkError("unreachable")  # pragma: no cover
-
-    def abort(self) -> None:
-        """From another thread: end a request that passed its overall deadline."""
-        conn = self._conn
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            _shutdown_socket(sock)
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
+                job = _open_job()
+                if job is not None:
+                    sender, job_id, batch_id = job._sender, job._job_id, None
+                elif self.job_id is None:
+                    _log_once(
+                        "loghandler-outside",
+                        "debug",
+                        "argus: LogHandler skips records emitted outside a job "
+                        "(LogHandler(job_id=...) sends them to that job)",
+                    )
+                    return
+                elif _active:
+                    sender, job_id, batch_id = _active[-1]._sender, self.job_id, None
+                else:
+                    batch_id = get_batch_id()
+                    sender, job_id = (_sender_for_emit() if batch_id else None), self.job_id
+                if sender is None:
+                    return  # a disabled Reporter, or no batch to send to
+                line = self.format(record)
+                if record.exc_info or record.exc_text:
+                    line = _scrub_text(line, sender._token)
+                level = _LEVEL_NAMES.get(record.levelno) or _level_name(record.levelno)
+                if batch_id is None:
+                    _send_line(sender, job_id, line, level)
+                else:
+                    sender.emit("log_line", batch_id=batch_id, job_id=job_id, line=_truncate(line), level=level)
             except Exception:
-                pass
+                self.handleError(record)
+
+    return LogHandler
 
 
-def _shutdown_socket(sock) -> None:
-    import socket
+# Console capture. While a capturing Reporter is active, sys.stdout and sys.stderr are
+# _Tee objects: every write goes first, unchanged, to the stream they replaced, and complete
+# lines are then copied to the open job's log. Only Python-level writes are seen: output
+# written to the file descriptors (child processes, C extensions, os.write) is not.
 
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, AttributeError):
-        pass
-
-
-def _no_delay(sock) -> None:
-    """http.client sends headers and body in separate writes: without this, Nagle's
-    algorithm and delayed ACKs add ~40 ms to a request."""
-    import socket
-
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
+_capture_users = []  # capturing Reporters, innermost last
+_capture_tees = []  # (name in sys, _Tee) in the order they were installed
+_capture_lock = threading.RLock()  # reentrant: a SIGTERM handler may flush mid-write
 
 
-class _RequestsTransport:
-    """The same interface on a ``requests.Session`` (proxies and NO_PROXY from the env).
+class _CaptureGuard(threading.local):
+    busy = False  # this thread is inside the capture: what it writes is not captured again
 
-    Redirects are not followed: a redirect can turn the POST into a GET that answers 200 and
-    stores nothing, or carry the token to another host.
+
+_capture_guard = _CaptureGuard()
+
+
+class _Tee:
+    """A text stream that writes through to ``stream`` and copies its lines to the job log.
+
+    Every attribute it does not define (flush, fileno, isatty, encoding, buffer...) is the
+    wrapped stream's, so it works over a terminal, a pipe, Jupyter's stream or pytest's.
     """
 
-    name = "requests"
+    __slots__ = ("_stream", "_level", "_on", "_parts", "_bar_since", "_bar_sent")
 
-    def __init__(self, base_url: str, token: str | None = None):
-        import requests
+    def __init__(self, stream, level: str) -> None:
+        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_level", level)
+        object.__setattr__(self, "_on", True)
+        object.__setattr__(self, "_parts", [])  # the line being written, not yet ended
+        object.__setattr__(self, "_bar_since", None)  # when a \r line began or last went out
+        object.__setattr__(self, "_bar_sent", None)  # the state that went out then
 
-        self._requests = requests
-        self.base_url = base_url
-        self._session = requests.Session()
-        self._session.headers.update({"User-Agent": _USER_AGENT, "Accept": "application/json"})
-        if token:
-            self._session.headers["Authorization"] = "Bearer " + token
-        self._verify = _ca_bundle() or True
-        # Proxies come from _proxy_for, as for the stdlib transport: requests' own look-up
-        # iterates os.environ, which raises when the program changes it meanwhile.
-        self._session.trust_env = False
-        from urllib.parse import urlsplit
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_stream"), name)
 
-        parts = urlsplit(base_url)
-        proxy = _proxy_for(parts.scheme, parts.hostname or "")
-        self._proxies = {parts.scheme: proxy} if proxy else {}
-        self._sockets = weakref.WeakSet()
-        adapter = _tracking_adapter(requests, self._sockets)
-        if adapter is not None:
-            self._session.mount("http://", adapter)
-            self._session.mount("https://", adapter)
-        self._adapter = self._session.get_adapter(base_url)
-        self._prepared = {}  # (method, path, content type) -> a prepared request to copy
+    def __setattr__(self, name: str, value) -> None:
+        if name in _Tee.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._stream, name, value)
 
-    def _send_prepared(self, method: str, path: str, body, headers, timeout: float):
-        """A bytes body (every event request): a copy of a request prepared once, handed to
-        the adapter. Session.request would merge settings, run hooks and read cookies for
-        each request: half of the CPU that requests costs per request, all of it unused
-        here (the settings are fixed, redirects are not followed, the server sets no
-        cookies)."""
-        ctype = headers.get("Content-Type") if headers else None
-        key = (method, path, ctype)
-        template = self._prepared.get(key)
-        if template is None:
-            if len(self._prepared) > 64:
-                self._prepared.clear()
-            extra = {"Content-Type": ctype} if ctype else None
-            template = self._session.prepare_request(
-                self._requests.Request(method, self.base_url + path, headers=extra)
-            )
-            self._prepared[key] = template
-        prepared = template.copy()
-        if body is not None:
-            prepared.body = body
-            prepared.headers["Content-Length"] = str(len(body))
-        return self._adapter.send(
-            prepared, timeout=(timeout, timeout), verify=self._verify, proxies=self._proxies
-        )
+    def __repr__(self) -> str:
+        return "<argus console capture of %r>" % (self._stream,)
 
-    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
-        timeout = max(0.05, timeout)
-        requests = self._requests
+    def write(self, text):
+        count = self._stream.write(text)
+        if self._on and _active and type(text) is str:
+            if "\n" in text or "\r" in text:
+                self._feed(text)
+            else:  # the middle of a line (print writes each argument): kept for its end
+                parts = self._parts
+                parts.append(text)  # atomic: no lock on this path
+                if len(parts) > 256:
+                    self._feed("")
+        return count
+
+    def writelines(self, lines) -> None:
+        lines = list(lines)
+        self._stream.writelines(lines)
+        if self._on and _active:
+            for text in lines:
+                if type(text) is str:
+                    self._feed(text)
+
+    def _feed(self, text: str) -> None:
+        if _capture_guard.busy:
+            return
+        job = _open_job()
+        if job is None or not job._parent._capture:
+            self._parts = []  # output between jobs is not kept
+            return
+        if _on_argus_thread():
+            return
+        _capture_guard.busy = True
         try:
-            if body is None or type(body) is bytes:
-                resp = self._send_prepared(method, path, body, headers, timeout)
-            else:  # an upload's streamed multipart body
-                resp = self._session.request(
-                    method,
-                    self.base_url + path,
-                    data=body,
-                    headers=headers,
-                    timeout=(timeout, timeout),
-                    verify=self._verify,
-                    allow_redirects=False,
-                    proxies=self._proxies,
-                )
-            data = resp.content
-        except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
-            raise _NetworkError(_short_cause(exc), sent=False) from None
-        except requests.ConnectionError as exc:
-            text = str(exc)
-            sent = not ("NewConnectionError" in text or "Failed to establish" in text)
-            raise _NetworkError(_short_cause(exc), sent=sent) from None
-        except requests.RequestException as exc:
-            raise _NetworkError(_short_cause(exc)) from None
-        except Exception as exc:  # a fault inside the library costs this request only
-            raise _NetworkError(_short_cause(exc)) from None
-        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
-
-    def abort(self) -> None:
-        for sock in list(self._sockets):
-            _shutdown_socket(sock)
-
-    def close(self) -> None:
-        try:
-            self._session.close()
+            with _capture_lock:
+                parts, self._parts = self._parts, []
+                parts.append(text)
+                buf = "".join(parts)
+                if "\n" in text:
+                    lines = buf.split("\n")
+                    buf = lines.pop()
+                    for line in lines:
+                        line = _final_state(line)
+                        if line != self._bar_sent:  # a bar whose last state went out already
+                            _capture_line(job, line, self._level)
+                        self._bar_since = self._bar_sent = None
+                if "\r" in buf:
+                    buf = _final_state(buf, keep_cr=True)
+                    now = _mono()
+                    if self._bar_since is None:
+                        self._bar_since = now
+                    elif now - self._bar_since >= 1.0:  # a progress bar: its state once a second
+                        self._bar_since, self._bar_sent = now, buf.rstrip("\r")
+                        _capture_line(job, self._bar_sent, self._level)
+                if len(buf) > MAX_STRING_CHARS:  # a line without an end: send what there is
+                    _capture_line(job, buf, self._level)
+                elif buf:
+                    self._parts.insert(0, buf)  # before what other threads added meanwhile
         except Exception:
-            pass
+            pass  # the program's output went through already; only the copy is lost
+        finally:
+            _capture_guard.busy = False
 
 
-def _tracking_adapter(requests, sockets):
-    """An HTTPAdapter whose connections record their sockets, so abort() can end a request
-    that a server dribbles out byte by byte (requests' timeouts are per read). None when
-    urllib3's classes are not what we expect: then abort() does nothing."""
+def _final_state(line: str, keep_cr: bool = False) -> str:
+    """What a terminal shows of a line written with carriage returns: its last non-empty part.
+
+    ``keep_cr`` keeps the carriage returns after that part (more text may overwrite it).
+    """
+    i = line.rstrip("\r").rfind("\r")
+    tail = line[i + 1 :] if i >= 0 else line
+    return tail if keep_cr else tail.rstrip("\r")
+
+
+def _capture_line(job: JobContext, line: str, level: str) -> None:
+    """Send one console line, at most CAPTURE_MAX_LINES_S a second per job; count the rest."""
+    if not line.strip():
+        return
+    now = _mono()
+    rate = job.__dict__.get("_console_rate")  # [window start, sent, not sent]
+    if rate is None or now - rate[0] >= 1.0:
+        if rate is not None and rate[2]:
+            _capture_note(job, rate[2])
+        rate = job._console_rate = [now, 0, 0]
+    if rate[1] >= CAPTURE_MAX_LINES_S:
+        rate[2] += 1
+        return
+    rate[1] += 1
+    _send_line(job._sender, job._job_id, line, level)
+
+
+def _capture_note(job: JobContext, count: int) -> None:
+    job._sender.log_line(
+        job._job_id,
+        "[argus: %d console line(s) not sent: more than %d lines/s]" % (count, CAPTURE_MAX_LINES_S),
+        level="warning",
+    )
+
+
+def _capture_flush(job: JobContext) -> None:
+    """At the end of ``job``: its unfinished console lines and the count of lines not sent."""
+    busy, _capture_guard.busy = _capture_guard.busy, True
     try:
-        from urllib3 import connection, connectionpool
-
-        def tracked(base):
-            class Tracked(base):
-                def connect(self):
-                    super().connect()
-                    if getattr(self, "sock", None) is not None:
-                        sockets.add(self.sock)
-
-            return Tracked
-
-        class Pool(connectionpool.HTTPConnectionPool):
-            ConnectionCls = tracked(connection.HTTPConnection)
-
-        class TLSPool(connectionpool.HTTPSConnectionPool):
-            ConnectionCls = tracked(connection.HTTPSConnection)
-
-        class Adapter(requests.adapters.HTTPAdapter):
-            def init_poolmanager(self, *args, **kwargs):
-                super().init_poolmanager(*args, **kwargs)
-                self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
-
-        return Adapter()
-    except Exception:
-        return None
+        with _capture_lock:
+            for _name, tee in _capture_tees:
+                if tee._parts and tee._on:
+                    line, sent = _final_state("".join(tee._parts)), tee._bar_sent
+                    tee._parts, tee._bar_since, tee._bar_sent = [], None, None
+                    if line != sent:
+                        _capture_line(job, line, tee._level)
+            rate = job.__dict__.pop("_console_rate", None)
+            if rate is not None and rate[2]:
+                _capture_note(job, rate[2])
+    except Exception as exc:
+        _log("warning", "argus: could not send the last console lines of job %s: %r", job._job_id, exc)
+    finally:
+        _capture_guard.busy = busy
 
 
-def _make_transport(base_url: str, token: str | None):
-    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
-    if choice not in ("urllib", "stdlib", "http.client") and _imports["requests"] != "broken":
-        try:
-            return _RequestsTransport(base_url, token)
-        except ImportError:
-            if choice == "requests":
-                _log_once(
-                    "no-requests",
-                    "warning",
-                    "argus: %s=requests but requests is not importable; using the standard "
-                    "library",
-                    ENV_TRANSPORT,
-                )
-    return _StdlibTransport(base_url, token)
+def _capture_start(reporter: Reporter) -> None:
+    """Wrap sys.stdout and sys.stderr for a Reporter made with capture_output=True."""
+    if not reporter._capture or reporter._sender is None:
+        return
+    with _capture_lock:
+        if not _capture_users:  # at exit: after the integrations close their jobs
+            atexit.unregister(_capture_stop_all)
+            atexit.register(_capture_stop_all)
+        _capture_users.append(reporter)
+        for name, level in (("stdout", "info"), ("stderr", "warning")):
+            stream = getattr(sys, name, None)
+            if stream is None or (isinstance(stream, _Tee) and stream._on):
+                continue  # no console (pythonw), or captured already
+            tee = _Tee(stream, level)
+            _capture_tees.append((name, tee))
+            setattr(sys, name, tee)
 
 
-def _transport_name() -> str:
-    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
-    if choice in ("urllib", "stdlib", "http.client"):
-        return "urllib"
-    import importlib.util
-
-    return "requests" if importlib.util.find_spec("requests") else "urllib"
-
-
-def _retry_after(headers: dict, default: float) -> float:
-    raw = headers.get("retry-after")
-    if not raw:
-        return default
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            from email.utils import parsedate_to_datetime
-
-            seconds = parsedate_to_datetime(raw).timestamp() - _now()
-        except (TypeError, ValueError, IndexError):
-            return default
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+def _capture_stop(reporter: Reporter) -> None:
+    """Restore the streams when the last capturing Reporter ends (never someone else's)."""
+    with _capture_lock:
+        if reporter not in _capture_users:
+            return
+        _capture_users.remove(reporter)
+        if not _capture_users:
+            _capture_stop_all()
 
 
-def _random() -> float:
-    """Uniform in [0, 1), from os.urandom: forked processes must not draw the same numbers."""
-    return int.from_bytes(os.urandom(2), "big") / 65536.0
+def _capture_stop_all() -> None:
+    with _capture_lock:
+        del _capture_users[:]
+        while _capture_tees:
+            name, tee = _capture_tees.pop()
+            tee._on = False  # if it is still in use somewhere, it only writes through
+            if getattr(sys, name, None) is tee:
+                setattr(sys, name, tee._stream)
 
 
-def _jitter(seconds: float) -> float:
-    return seconds * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0)
+def _capture_after_fork() -> None:
+    global _capture_lock
+    _capture_lock = threading.RLock()  # a parent's thread may have held it at the fork
 
 
-def _error_text(body: bytes) -> str:
-    try:
-        detail = _loads(body.decode("utf-8", "replace"))
-        if isinstance(detail, dict) and "detail" in detail:
-            return str(detail["detail"])
-    except ValueError:
-        pass
-    return _truncate(body.decode("utf-8", "replace"), 300)
-
-
-class _MultipartBody:
-    """A multipart/form-data body streamed from the file: iterable, with a known length."""
-
-    def __init__(self, path: str, fields: dict):
-        self.boundary = "argus-%s" % os.urandom(12).hex()
-        self.content_type = "multipart/form-data; boundary=" + self.boundary
-        self._path = path
-        filename = os.path.basename(path)
-        for char in '"\r\n':
-            filename = filename.replace(char, "_")
-        head = []
-        for name, value in fields.items():
-            head.append(
-                '--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
-                % (self.boundary, name, value)
-            )
-        head.append(
-            '--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
-            "Content-Type: %s\r\n\r\n" % (self.boundary, filename, _mime_type(path))
-        )
-        self._head = "".join(head).encode("utf-8")
-        self._tail = ("\r\n--%s--\r\n" % self.boundary).encode("ascii")
-        self._length = len(self._head) + os.path.getsize(path) + len(self._tail)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self):
-        yield self._head
-        with open(self._path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 16)
-                if not chunk:
-                    break
-                yield chunk
-        yield self._tail
-
-
-def _mime_type(path: str) -> str:
-    return {
-        ".png": "image/png",
-        ".jpg": "image/jpeg",
-        ".jpeg": "image/jpeg",
-        ".pdf": "application/pdf",
-        ".svg": "image/svg+xml",
-    }.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_capture_after_fork)
 
 
 # ---------------------------------------------------------------------------------------
@@ -3304,7 +3031,567 @@ class _Replayer:
         return claim.destination is None or _same_url(claim.destination, self.facade.url)
 
 
-_ACKED = frozenset(("accepted", "deduplicated"))  # the per-event results that mean stored
+def _envelope_parts(etype: str, batch_id, job_id, source: str) -> tuple:
+    """An event's envelope around its timestamp and around its data (the line is
+    ``{"event_id":"<id>`` + head + timestamp + tail + data + ``}``)."""
+    return (
+        '","schema_version":"%s","event_type":"%s","timestamp":"' % (SCHEMA_VERSION, etype),
+        '","batch_id":%s,"job_id":%s,"source":%s,"data":'
+        % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
+    )
+
+
+def _line_id(line: str) -> str:
+    """The event_id of an encoded event (the envelope starts with it)."""
+    return line[13:49] if line.startswith('{"event_id":"') else ""
+
+
+def _same_url(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and a.rstrip("/").lower() == b.rstrip("/").lower()
+
+
+def _url_was_invalid(url) -> bool:
+    """True when a URL was given but refused (it was logged already: say nothing more)."""
+    candidate = url or os.environ.get(ENV_URL, "").strip()
+    return bool(candidate) and not str(candidate).lower().startswith(("http://", "https://"))
+
+
+def _check_job_id(job_id) -> None:
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError(
+            "job_id must be a non-empty string, e.g. r.job('etth1_dlinear'); got %r" % (job_id,)
+        )
+    if len(job_id) > 256:
+        raise ValueError("job_id is %d characters long; the server allows at most 256" % len(job_id))
+
+
+def _check_batch_id(batch_id) -> None:
+    if not isinstance(batch_id, str) or not batch_id:
+        raise TypeError("batch_id must be a non-empty string; got %r" % (batch_id,))
+    if len(batch_id) > 128:
+        raise ValueError("batch_id is %d characters long; the server allows at most 128" % len(batch_id))
+
+
+def _epoch_number(epoch):
+    if type(epoch) is int:
+        return epoch
+    value = _jsonable(epoch)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The spill store on disk
+# ---------------------------------------------------------------------------------------
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: replay works, without protection against two replayers
+    _fcntl = None
+
+_SPILL_SUFFIX = ".jsonl"
+_OPEN_SUFFIX = ".jsonl.part"  # a file still being written; never replayed while its writer lives
+_DEAD_LETTER = "deadletter.jsonl"
+_PENDING_UPLOADS = "pending-uploads.jsonl"
+
+
+_spill_counts = {}  # directory -> [spilled, refused] by this process's senders: the exit summary
+_left_behind = {}  # directory -> [events this process's closed senders left on disk, events lost]
+_destinations = {}  # directory -> (url, token) of a sender that spilled there: the exit hand-off
+_server_rate = {"events_per_s": None}  # the server's measured ingest speed, for the exit line
+
+
+def _lock_nb(fd: int) -> bool:
+    if _fcntl is None:
+        return True
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+class SpillStore:
+    """Undelivered events, one JSON line each, in ``*.jsonl`` files of one directory.
+
+    A writer appends to its own ``*.jsonl.part`` file, holding an exclusive ``flock`` on it,
+    and renames it to ``*.jsonl`` when it rotates or closes. A replayer claims a file by
+    taking that lock (so a dead writer's file is taken over), sends its events and deletes
+    it only after they are acknowledged. Each file starts with a header line naming its
+    destination (the server URL and a fingerprint of the token, never the token), so that a
+    run against another server leaves it alone. The directory is 0700, the files 0600. The
+    total size is capped (``ARGUS_SPILL_MAX_MB``). No method raises: a disk fault is logged
+    once, counted, and reported to the caller as "not written".
+    """
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        max_mb: float | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+    ):
+        self.directory = os.path.abspath(directory or _default_spill_dir())
+        self.max_bytes = int(
+            (max_mb if max_mb is not None else _env_float(ENV_SPILL_MAX_MB, DEFAULT_SPILL_MAX_MB))
+            * 1024
+            * 1024
+        )
+        self.rotate_s = _env_float(ENV_SPILL_ROTATE_S, DEFAULT_SPILL_ROTATE_S)
+        self.url = url
+        self.header = _dumps({"argus_spill": 1, "url": url, "token": _fingerprint(token)})
+        self.source = None  # the sender's source (JSON): compact lines need it in the header
+        self._has_source = False  # the open file's header carries self.source
+        self.spilled = 0  # events this process wrote
+        self.dropped = 0  # events refused because the directory is at its cap
+        self.rejected = 0  # events set aside in the dead-letter file
+        self.failures = 0  # writes that failed (disk full, read-only, cannot create)
+        self.at_cap = False  # the last append stopped at the size cap (not a disk fault)
+        self._refuse_said = None
+        self.summarise = False  # a worker's store: its spills are summed up at exit
+        self.own = []  # names of the files this store wrote that may still hold events
+        self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may spill mid-write
+        self._fd = None
+        self._path = None
+        self._opened = 0.0
+        self._written = 0
+        self._total = None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        try:
+            if os.stat(self.directory).st_mode & 0o077:
+                os.chmod(self.directory, 0o700)
+        except OSError:
+            pass
+
+    def _dir_bytes(self) -> int:
+        total = 0
+        try:
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    if entry.name.endswith((_SPILL_SUFFIX, _OPEN_SUFFIX)):
+                        try:
+                            total += entry.stat().st_size
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+        return total
+
+    def _open(self) -> None:
+        self._ensure_dir()
+        name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
+        path = os.path.join(self.directory, name + _OPEN_SUFFIX)
+        # Made under another name, locked and given its header before it is a .part file:
+        # a replayer never sees it empty and unlocked (it would delete it).
+        making = path + ".new"
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        header = self.header
+        if self.source is not None:
+            header = '%s,"source":%s}' % (header[:-1], self.source)
+        try:
+            _lock_nb(fd)
+            _write_all(fd, (header + "\n").encode("utf-8"))
+            os.rename(making, path)
+        except OSError:
+            os.close(fd)
+            _unlink(making)
+            raise
+        self._fd = fd
+        self._path = path
+        self._has_source = self.source is not None
+        self._opened = _mono()
+        self._written = 0
+        self.own.append(name)
+
+    def append(self, lines, *, rotate: bool = True) -> int:
+        """Write encoded events in order; returns how many were written (a prefix of
+        ``lines``). At the size cap only the events that fit are written and ``at_cap`` is
+        set: the caller keeps the rest, or gives them up through refuse()."""
+        if not lines:
+            return 0
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        with self._lock:
+            self.at_cap = False
+            try:
+                if self._total is None:
+                    self._ensure_dir()
+                    self._total = self._dir_bytes()
+                if self._total + len(data) > self.max_bytes:
+                    self._total = self._dir_bytes()  # others may have replayed meanwhile
+                    if self._total + len(data) > self.max_bytes:
+                        room, fits = self.max_bytes - self._total, 0
+                        for line in lines:
+                            room -= len(line.encode("utf-8")) + 1
+                            if room < 0:
+                                break
+                            fits += 1
+                        self.at_cap = True
+                        lines = lines[:fits]
+                        if not lines:
+                            return 0
+                        data = ("\n".join(lines) + "\n").encode("utf-8")
+                if self._fd is None:
+                    self._open()
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._failed(exc)
+                return 0
+            self._total += len(data)
+            self._written += len(data)
+            self.spilled += len(lines)
+            self._note(spilled=len(lines))
+            if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
+                self.rotate()
+            return len(lines)
+
+    def refuse(self, count: int, say: bool = False) -> None:
+        """Events given up because the directory is at its cap: counted, and said (the first
+        time, then at most every 10 s, and whenever ``say``)."""
+        self.dropped += count
+        self._note(dropped=count)
+        now = _mono()
+        if not say and self._refuse_said is not None and now - self._refuse_said < 10.0:
+            return
+        self._refuse_said = now
+        _log(
+            "error",
+            "argus: the spill directory %s is at its cap of %s MB: %d event(s) could not be "
+            "saved (%d so far). Run `python3 -m argus sync` or raise %s.",
+            self.directory,
+            "%g" % round(self.max_bytes / 1048576.0, 1),
+            count,
+            self.dropped,
+            ENV_SPILL_MAX_MB,
+        )
+
+    def journal(self, line) -> bool:
+        """One event straight to the open file (durable mode); True once the kernel has it.
+        ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
+        if type(line) is bytes:
+            data = line
+        else:
+            data = (line + "\n").encode("utf-8")
+        with self._lock:
+            fd = self._fd
+            if fd is not None and not self._has_source and type(line) is bytes:
+                self.rotate()  # a compact line needs the source in its file's header
+                fd = None
+            if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
+                if type(line) is bytes:
+                    line = line[:-1].decode("ascii")
+                return self.append([line], rotate=False) == 1
+            try:
+                if os.write(fd, data) != len(data):  # a short write: the disk is full
+                    raise OSError(28, "short write to %s" % self._path)
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            self._total += len(data)
+            self._written += len(data)
+            return True
+
+    def _failed(self, exc: OSError) -> None:
+        self.failures += 1
+        if self._fd is not None:  # a half-written file: close it, keep what it holds
+            self.rotate()
+        self._total = None
+        _log_once(
+            "spill-fail:%s:%s" % (self.directory, getattr(exc, "errno", None)),
+            "error",
+            "argus: cannot write to the spill directory %s (%s); undelivered events are kept "
+            "in memory (up to the queue's bound) until the server answers. Point %s at a "
+            "writable directory.",
+            self.directory,
+            exc,
+            ENV_SPILL_DIR,
+        )
+
+    def _note(self, spilled: int = 0, dropped: int = 0) -> None:
+        # counted per directory, not per store: senders close (and leave _live) before atexit
+        if self.summarise:
+            counts = _spill_counts.setdefault(self.directory, [0, 0])
+            counts[0] += spilled
+            counts[1] += dropped
+
+    def has_open_data(self) -> bool:
+        return self._fd is not None and self._written > 0
+
+    def _take_open(self) -> tuple:
+        """(fd, path) of the open file, which is no longer this store's to write; (None, None)."""
+        fd, path = self._fd, self._path
+        self._fd = self._path = None
+        return fd, path
+
+    def rotate(self) -> None:
+        """Close the open file so that it can be replayed (by this or another process)."""
+        with self._lock:
+            fd, path = self._take_open()
+            if fd is None:
+                return
+            try:
+                os.fsync(fd)  # the file is complete on disk before anyone may claim it
+                os.rename(path, path[: -len(".part")])
+            except OSError as exc:
+                _log("warning", "argus: cannot close spill file %s: %s", path, exc)
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    close = rotate
+
+    def discard_open(self) -> None:
+        """Delete the open file: every event in it was acknowledged (durable mode)."""
+        with self._lock:
+            fd, path = self._take_open()
+            if fd is None:
+                return
+            self._total = None
+            _unlink(path)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            name = os.path.basename(path)[: -len(_OPEN_SUFFIX)]
+            if name in self.own:
+                self.own.remove(name)
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's open file (and its lock)."""
+        self._lock = threading.RLock()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = self._path = None
+        self.own = []
+
+    def _side_file(self, name: str, entries) -> None:
+        with self._lock:
+            self._ensure_dir()
+            path = os.path.join(self.directory, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                _write_all(fd, "".join(_dumps_safe(e) + "\n" for e in entries).encode("utf-8"))
+            finally:
+                os.close(fd)
+
+    def dead_letter(self, rejected) -> None:
+        """Set aside ``(event_line, status, message)`` triples the server refused."""
+        if not rejected:
+            return
+        entries = []
+        for line, status, message in rejected:
+            try:
+                event = _loads(line)
+            except ValueError:
+                event = line
+            entries.append(
+                {
+                    "rejected_at": _format_ts(_now()),
+                    "status": status,
+                    "error": _truncate(_text(message), 2000),
+                    "event": event,
+                }
+            )
+        try:
+            self._side_file(_DEAD_LETTER, entries)
+        except OSError as exc:
+            _log("error", "argus: cannot write the dead-letter file: %s", exc)
+        self.rejected += len(entries)
+        _log_once(
+            "dead-letter:" + self.directory,
+            "error",
+            "argus: the server rejected %d event(s) (%s %s); they are kept in %s and not "
+            "retried. Later rejections are counted there without another log line.",
+            len(entries),
+            entries[0]["status"],
+            entries[0]["error"],
+            os.path.join(self.directory, _DEAD_LETTER),
+        )
+
+    def record_upload(self, entry: dict) -> None:
+        self.record_upload_many([entry])
+
+    def record_upload_many(self, entries: list) -> None:
+        """Remember uploads that could not be made now (path, size, route) for ``argus sync``."""
+        try:
+            self._side_file(_PENDING_UPLOADS, entries)
+        except OSError as exc:
+            _log("error", "argus: cannot record a pending upload: %s", exc)
+
+    # -- replaying --------------------------------------------------------------------
+
+    def _candidates(self) -> list:
+        found = []
+        try:
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    name = entry.name
+                    if name in (_DEAD_LETTER, _PENDING_UPLOADS):
+                        continue
+                    if name.endswith(_SPILL_SUFFIX) or name.endswith(_OPEN_SUFFIX):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        found.append((st.st_mtime, name, entry.path, st.st_size))
+        except OSError:
+            return []
+        found.sort()
+        return found
+
+    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
+        """Claim the oldest unclaimed spill file, or return None when there is none.
+
+        ``match(claim)`` decides whether a file is for us (a file without a header,
+        written by an older version, has the destination None); ``own_only`` takes only
+        files this store wrote, oldest first: the backlog of this run.
+        """
+        candidates = self._candidates()
+        if own_only:
+            own = set(self.own)
+            candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
+        for mtime, name, path, size in candidates:
+            if path in skip or path == self._path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                if not _lock_nb(fd) or os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    os.close(fd)  # held by its writer or another replayer, or replaced
+                    continue
+            except OSError:
+                os.close(fd)
+                continue
+            if name.endswith(_OPEN_SUFFIX) and size == 0:
+                _unlink(path)  # an empty file whose writer is gone (we hold its lock)
+                os.close(fd)
+                continue
+            claim = _Claim(self, path, fd, mtime)
+            if match is not None and not match(claim):
+                claim._close()
+                if isinstance(skip, set):
+                    skip.add(path)
+                continue
+            return claim
+        return None
+
+    def forget(self, path: str) -> None:
+        name = _base_name(os.path.basename(path))
+        if name in self.own:
+            self.own.remove(name)
+
+    def own_backlog(self) -> bool:
+        """True while a file this store wrote may still hold undelivered events."""
+        if self.has_open_data():
+            return True
+        current = _base_name(os.path.basename(self._path)) if self._path else None
+        self.own = [
+            name
+            for name in self.own
+            if name != current
+            and any(os.path.exists(os.path.join(self.directory, name + sfx)) for sfx in (_SPILL_SUFFIX, _OPEN_SUFFIX))
+        ] + ([current] if current in self.own else [])
+        return any(name != current for name in self.own)
+
+    def backlog(self) -> dict:
+        """Files, events, bytes, the oldest file's age and the destinations of what waits."""
+        files = events = nbytes = 0
+        oldest = None
+        destinations = {}
+        for mtime, _name, path, size in self._candidates():
+            files += 1
+            nbytes += size
+            oldest = mtime if oldest is None else min(oldest, mtime)
+            count, destination = _file_events(path)
+            events += count
+            key = destination or "(any)"
+            destinations[key] = destinations.get(key, 0) + count
+        return {
+            "directory": self.directory,
+            "files": files,
+            "events": events,
+            "bytes": nbytes,
+            "oldest": _format_ts(oldest) if oldest else None,
+            "destinations": destinations,
+            "dead_letter": _count_lines(os.path.join(self.directory, _DEAD_LETTER)),
+            "pending_uploads": _count_lines(os.path.join(self.directory, _PENDING_UPLOADS)),
+        }
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _base_name(name: str) -> str:
+    for suffix in (_OPEN_SUFFIX, _SPILL_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _fingerprint(token: str | None) -> str | None:
+    """A short hash that tells two tokens apart and reveals nothing of either."""
+    if not token:
+        return None
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+
+
+def _header(line: str):
+    """A spill file's header line as a dict (``url``, ``token`` fingerprint), else None."""
+    if not line.startswith('{"argus_spill"'):
+        return None
+    try:
+        header = _loads(line)
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _file_events(path: str) -> tuple:
+    """(events, destination URL) of a spill file."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+            count = first.count(b"\n") + sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except OSError:
+        return 0, None
+    header = _header(first.decode("utf-8", "replace").strip())
+    if header is None:
+        return count, None
+    return count - 1, header.get("url")
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except OSError:
+        return 0
+
 
 _marshal = None
 
@@ -3362,1477 +3649,944 @@ def _expand(line: str, source: str):
     return '{"event_id":"%s%s%s%s%s}' % (event_id, head, _format_ts(ts), tail, _encode_data(data))
 
 
-def _envelope_parts(etype: str, batch_id, job_id, source: str) -> tuple:
-    """An event's envelope around its timestamp and around its data (the line is
-    ``{"event_id":"<id>`` + head + timestamp + tail + data + ``}``)."""
-    return (
-        '","schema_version":"%s","event_type":"%s","timestamp":"' % (SCHEMA_VERSION, etype),
-        '","batch_id":%s,"job_id":%s,"source":%s,"data":'
-        % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
-    )
+class _Claim:
+    """One spill file held by this process while its events are re-sent."""
 
+    def __init__(self, store: SpillStore, path: str, fd: int, mtime: float):
+        self.store = store
+        self.path = path
+        self._fd = fd
+        self._mtime = mtime
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+        lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
+        self.header = None
+        self.destination = None  # the server URL the events were written for (None: any)
+        self.token_fp = None  # the fingerprint of the token they were written under
+        header = _header(lines[0]) if lines else None
+        source = None
+        if header is not None:
+            self.header = lines.pop(0)
+            self.destination = header.get("url")
+            self.token_fp = header.get("token")
+            source = header.get("source")
+        if any(ln[0] == "~" for ln in lines):  # durable mode's compact lines: encoded now
+            source = _dumps_safe(source if isinstance(source, dict) else {"project": "unknown"})
+            lines = [(_expand(ln, source) or ln) if ln[0] == "~" else ln for ln in lines]
+        self.lines = lines
+        self.pos = 0
 
-def _line_id(line: str) -> str:
-    """The event_id of an encoded event (the envelope starts with it)."""
-    return line[13:49] if line.startswith('{"event_id":"') else ""
+    def left(self) -> int:
+        return len(self.lines) - self.pos
 
+    def next_chunk(self, limit: int = MAX_BATCH_EVENTS, skip_ids=None) -> list:
+        """Up to ``limit`` ``(event_id, line)`` pairs; malformed lines go to the dead letter.
 
-def _same_url(a: str | None, b: str | None) -> bool:
-    return bool(a) and bool(b) and a.rstrip("/").lower() == b.rstrip("/").lower()
-
-
-def _url_was_invalid(url) -> bool:
-    """True when a URL was given but refused (it was logged already: say nothing more)."""
-    candidate = url or os.environ.get(ENV_URL, "").strip()
-    return bool(candidate) and not str(candidate).lower().startswith(("http://", "https://"))
-
-
-def _check_job_id(job_id) -> None:
-    if not isinstance(job_id, str) or not job_id:
-        raise TypeError(
-            "job_id must be a non-empty string, e.g. r.job('etth1_dlinear'); got %r" % (job_id,)
-        )
-    if len(job_id) > 256:
-        raise ValueError("job_id is %d characters long; the server allows at most 256" % len(job_id))
-
-
-def _check_batch_id(batch_id) -> None:
-    if not isinstance(batch_id, str) or not batch_id:
-        raise TypeError("batch_id must be a non-empty string; got %r" % (batch_id,))
-    if len(batch_id) > 128:
-        raise ValueError("batch_id is %d characters long; the server allows at most 128" % len(batch_id))
-
-
-def _epoch_number(epoch):
-    if type(epoch) is int:
-        return epoch
-    value = _jsonable(epoch)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# ---------------------------------------------------------------------------------------
-# Module-level helpers: batch ids, emit, sub_env
-# ---------------------------------------------------------------------------------------
-
-_active = []  # entered Reporters of this process, innermost last
-_state_lock = threading.Lock()
-_explicit_batch_id = None
-_global_sender = None
-
-
-def new_batch_id(prefix: str = "batch") -> str:
-    """A fresh ``<prefix>-<12 hex>`` batch id."""
-    return "%s-%s" % (prefix, os.urandom(6).hex())
-
-
-def derive_batch_id(
-    project: str, experiment_name: str, git_sha: str | None = None, *, prefix: str = "bench"
-) -> str:
-    """A deterministic ``<prefix>-<16 hex>`` id: the same inputs give the same batch.
-
-    ``git_sha=None`` asks ``git rev-parse HEAD``; when git is missing or fails, and when
-    ``git_sha == ""``, the value ``"no-git"`` is used. Every Argus client uses this formula.
-    """
-    import hashlib
-
-    if git_sha is None:
-        git_sha = _git_commit(short=False) or "no-git"
-    elif git_sha == "":
-        git_sha = "no-git"
-    key = "%s|%s|%s" % (project, experiment_name, git_sha)
-    return "%s-%s" % (prefix, hashlib.sha256(key.encode("utf-8")).hexdigest()[:16])
-
-
-def set_batch_id(batch_id: str) -> None:
-    """Publish a batch id for ``emit()`` and for child processes (``ARGUS_BATCH_ID``)."""
-    global _explicit_batch_id
-    _check_batch_id(batch_id)
-    _explicit_batch_id = batch_id
-    if _env_base["saved"]:  # a Reporter is open: it names the batch until it closes
-        _env_base["value"] = batch_id
-    else:
-        os.environ[ENV_BATCH_ID] = batch_id
-
-
-_env_base = {"saved": False, "value": None}  # ARGUS_BATCH_ID as it was before any Reporter
-
-
-def _publish_batch_env() -> None:
-    """ARGUS_BATCH_ID names the innermost open batch; with none open, what it was before."""
-    innermost = _active[-1].batch_id if _active else None
-    current = os.environ.get(ENV_BATCH_ID)
-    if innermost is not None:
-        if not _env_base["saved"]:
-            _env_base.update(saved=True, value=current)
-        if current != innermost:
-            os.environ[ENV_BATCH_ID] = innermost
-        return
-    if _env_base["saved"]:
-        base = _env_base["value"]
-        _env_base.update(saved=False, value=None)
-        if base is None:
-            os.environ.pop(ENV_BATCH_ID, None)
-        elif current != base:
-            os.environ[ENV_BATCH_ID] = base
-
-
-def get_batch_id() -> str | None:
-    """The active Reporter's batch id, else the one set or inherited, else None."""
-    if _active:
-        return _active[-1].batch_id
-    return _explicit_batch_id or os.environ.get(ENV_BATCH_ID) or None
-
-
-def _sender_for_emit() -> ExperimentReporter:
-    global _global_sender
-    with _state_lock:
-        if _global_sender is None or _global_sender._closed:
-            project = os.environ.get("ARGUS_PROJECT", "").strip() or "default"
-            _global_sender = ExperimentReporter(None, project, queue_size=DEFAULT_QUEUE_SIZE)
-        return _global_sender
-
-
-def emit(event: str, **fields) -> None:
-    """Send one event: through the active Reporter, or else under ``get_batch_id()``."""
-    if _active:
-        return _active[-1].emit(event, **fields)
-    batch_id = get_batch_id()
-    if batch_id is None:
-        _log_once(
-            "emit-no-batch",
-            "warning",
-            "argus.emit(%r) outside a Reporter needs a batch id: call argus.set_batch_id(...) "
-            "or set %s; the event is not sent",
-            event,
-            ENV_BATCH_ID,
-        )
-        return None
-    return _sender_for_emit().emit(event, batch_id=batch_id, **fields)
-
-
-def sub_env(template: str, **extra) -> str:
-    """Replace ``${name}`` placeholders: argus values, environment variables, then ``extra``.
-
-    Known argus names: ``argus_batch_id``, ``argus_job_id``, ``argus_project``, ``argus_url``.
-    Keyword arguments win; unknown placeholders stay as written.
-    """
-    import re
-
-    values = dict(os.environ)
-    reporter = _active[-1] if _active else None
-    argus_values = {
-        "argus_batch_id": get_batch_id(),
-        "argus_job_id": (reporter._jobs[-1].job_id if reporter and reporter._jobs else None)
-        or os.environ.get("ARGUS_JOB_ID"),
-        "argus_project": (reporter.source_project if reporter else None)
-        or os.environ.get("ARGUS_PROJECT"),
-        "argus_url": (reporter._sender.url if reporter and reporter._sender else None)
-        or _resolve_url()[0],
-    }
-    values.update({k: v for k, v in argus_values.items() if v})
-    values.update({k: str(v) for k, v in extra.items()})
-    return re.sub(
-        r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
-        lambda m: values.get(m.group(1), m.group(0)),
-        template,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Resource sampling
-# ---------------------------------------------------------------------------------------
-
-
-def _num(text):
-    text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        return None  # "[N/A]", "[Not Supported]"
-    return int(value) if value.is_integer() else value
-
-
-class _ResourceSampler:
-    """System, process and GPU figures for ``resource_snapshot`` events.
-
-    On Linux it reads ``proc_root`` (``/proc``; tests give a folder of fixed files) and needs
-    no package; elsewhere it uses psutil when importable. GPUs come from pynvml when
-    importable, else from ``nvidia-smi`` (looked up once, each call bounded by ``smi_timeout``).
-    """
-
-    def __init__(
-        self,
-        proc_root: str = "/proc",
-        disk_path: str | None = None,
-        nvidia_smi: str | None = "auto",
-        clock=time.monotonic,
-        smi_timeout: float = 2.0,
-        use_pynvml: bool = True,
-    ):
-        import shutil
-
-        self.proc_root = proc_root
-        self.disk_path = disk_path or os.getcwd()
-        self._clock = clock
-        self._smi_timeout = smi_timeout
-        self._has_proc = os.path.exists(os.path.join(proc_root, "stat"))
-        self._psutil = None
-        if not self._has_proc:
+        Events whose id is in ``skip_ids`` (acknowledged after they were written here) are
+        passed over and removed from that set.
+        """
+        pairs, poison = [], []
+        nbytes = 0
+        while self.pos < len(self.lines) and len(pairs) < limit and nbytes < MAX_BATCH_BYTES:
+            line = self.lines[self.pos]
+            self.pos += 1
             try:
-                import psutil
-
-                self._psutil = psutil
-                psutil.cpu_percent(None)
-                self._ps_proc = psutil.Process()
-                self._ps_proc.cpu_percent(None)
-            except Exception:
-                self._psutil = None
-        self._nvml = None
-        if use_pynvml and nvidia_smi == "auto":
-            self._nvml = _init_nvml()
-        self._smi = shutil.which("nvidia-smi") if nvidia_smi == "auto" else nvidia_smi
-        self._gpu_failures = 0
-        try:
-            self._hz = os.sysconf("SC_CLK_TCK")
-        except (AttributeError, ValueError, OSError):
-            self._hz = 100
-        self._prev_cpu = self._read_cpu()
-        self._prev_proc = (self._read_proc_ticks(), clock())
-
-    def _read(self, *parts) -> str | None:
-        try:
-            with open(os.path.join(self.proc_root, *parts)) as f:
-                return f.read()
-        except OSError:
-            return None
-
-    def _read_cpu(self):
-        text = self._read("stat")
-        if not text:
-            return None
-        fields = [int(x) for x in text.split("\n", 1)[0].split()[1:9]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    def _read_proc_ticks(self):
-        text = self._read("self", "stat")
-        if not text:
-            return None
-        fields = text.rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
-    def sample(self) -> dict:
-        out = {}
-        if self._has_proc:
-            self._sample_proc(out)
-        elif self._psutil is not None:
-            self._sample_psutil(out)
-        try:
-            import shutil
-
-            usage = shutil.disk_usage(self.disk_path)
-            out["disk_free_mb"] = round(usage.free / 1048576.0, 1)
-            out["disk_total_mb"] = round(usage.total / 1048576.0, 1)
-        except OSError:
-            pass
-        self._sample_gpus(out)
-        return out
-
-    def _sample_proc(self, out: dict) -> None:
-        cpu = self._read_cpu()
-        if cpu and self._prev_cpu:
-            total, idle = cpu[0] - self._prev_cpu[0], cpu[1] - self._prev_cpu[1]
-            if total > 0:
-                out["cpu_util_pct"] = round(100.0 * (total - idle) / total, 1)
-        self._prev_cpu = cpu
-        meminfo = {}
-        for line in (self._read("meminfo") or "").splitlines():
-            key, _, rest = line.partition(":")
-            if rest.strip():
-                meminfo[key] = int(rest.split()[0])  # kB
-        if "MemTotal" in meminfo:
-            out["ram_total_mb"] = round(meminfo["MemTotal"] / 1024.0, 1)
-            if "MemAvailable" in meminfo:
-                out["ram_mb"] = round((meminfo["MemTotal"] - meminfo["MemAvailable"]) / 1024.0, 1)
-        ticks, now = self._read_proc_ticks(), self._clock()
-        prev_ticks, prev_now = self._prev_proc
-        if ticks is not None and prev_ticks is not None and now > prev_now:
-            out["proc_cpu_pct"] = round(100.0 * (ticks - prev_ticks) / self._hz / (now - prev_now), 1)
-        self._prev_proc = (ticks, now)
-        for line in (self._read("self", "status") or "").splitlines():
-            if line.startswith("VmRSS:"):
-                out["proc_ram_mb"] = round(int(line.split()[1]) / 1024.0, 1)
-
-    def _sample_psutil(self, out: dict) -> None:
-        ps = self._psutil
-        try:
-            out["cpu_util_pct"] = round(ps.cpu_percent(None), 1)
-            mem = ps.virtual_memory()
-            out["ram_total_mb"] = round(mem.total / 1048576.0, 1)
-            out["ram_mb"] = round((mem.total - mem.available) / 1048576.0, 1)
-            out["proc_cpu_pct"] = round(self._ps_proc.cpu_percent(None), 1)
-            out["proc_ram_mb"] = round(self._ps_proc.memory_info().rss / 1048576.0, 1)
-        except Exception as exc:
-            _log_once("psutil", "warning", "argus: psutil sampling failed: %r", exc)
-
-    def _sample_gpus(self, out: dict) -> None:
-        if self._nvml is None and not self._smi:
-            return
-        try:
-            gpus = self._nvml_gpus() if self._nvml is not None else self._smi_gpus()
-        except Exception as exc:
-            self._gpu_failures += 1
-            if self._gpu_failures >= 3:
-                _log("warning", "argus: GPU sampling failed 3 times (%r); it is turned off", exc)
-                self._nvml = self._smi = None
-            return
-        self._gpu_failures = 0
-        if not gpus:
-            return
-        out["gpus"] = gpus
-        first = _first_visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        if first is not None:
-            for flat, key in (
-                ("gpu_util_pct", "util_pct"),
-                ("gpu_mem_mb", "mem_mb"),
-                ("gpu_mem_total_mb", "mem_total_mb"),
-                ("gpu_temp_c", "temp_c"),
-                ("proc_gpu_mem_mb", "proc_mem_mb"),
-            ):
-                if first.get(key) is not None:
-                    out[flat] = first[key]
-
-    def _run_smi(self, query: str) -> list:
-        import subprocess
-
-        result = subprocess.run(
-            [self._smi, query, "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=self._smi_timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if result.returncode != 0:
-            raise OSError("nvidia-smi exited with %d" % result.returncode)
-        return [[p.strip() for p in line.split(",")] for line in result.stdout.splitlines() if line.strip()]
-
-    def _smi_gpus(self) -> list:
-        gpus = []
-        for row in self._run_smi(
-            "--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu"
-        ):
-            if len(row) < 7:
+                event = _loads(line)
+                event_id = event["event_id"] if isinstance(event, dict) else None
+            except (ValueError, KeyError):
+                event_id = None
+            if not isinstance(event_id, str):
+                poison.append((line, "malformed", "unreadable line in spill file %s" % self.path))
                 continue
-            gpus.append(
-                {
-                    "index": _num(row[0]),
-                    "uuid": row[1],
-                    "name": row[2],
-                    "util_pct": _num(row[3]),
-                    "mem_mb": _num(row[4]),
-                    "mem_total_mb": _num(row[5]),
-                    "temp_c": _num(row[6]),
-                    "proc_mem_mb": 0,
-                }
-            )
-        pid = str(os.getpid())
-        by_uuid = {g["uuid"]: g for g in gpus}
-        for row in self._run_smi("--query-compute-apps=pid,gpu_uuid,used_memory"):
-            if len(row) >= 3 and row[0] == pid and row[1] in by_uuid:
-                by_uuid[row[1]]["proc_mem_mb"] += _num(row[2]) or 0
-        return gpus
+            if skip_ids and event_id in skip_ids:
+                skip_ids.discard(event_id)
+                continue
+            pairs.append((event_id, line))
+            nbytes += len(line)
+        self.store.dead_letter(poison)
+        return pairs
 
-    def _nvml_gpus(self) -> list:
-        nv = self._nvml
-        pid = os.getpid()
-        gpus = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            uuid = nv.nvmlDeviceGetUUID(h)
-            name = nv.nvmlDeviceGetName(h)
-            mine = 0
+    def done(self) -> None:
+        _unlink(self.path)
+        self.store.forget(self.path)
+        self._close()
+
+    def rewrite(self, lines: list) -> None:
+        """Give the file back holding only ``lines`` (deleted when there are none)."""
+        self.lines, self.pos = lines, 0
+        if not lines:
+            return self.done()
+        self.pos = len(lines)  # release() rewrites a file it has read from
+        self.release(lines)
+
+    def release(self, unsent=()) -> None:
+        """Give the file back, keeping ``unsent`` plus everything not yet read."""
+        remaining = list(unsent) + self.lines[self.pos :]
+        if not remaining:
+            return self.done()
+        if self.pos:
+            tmp = self.path + ".tmp"
+            head = [self.header] if self.header else []
             try:
-                for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
-                    if proc.pid == pid and proc.usedGpuMemory:
-                        mine += proc.usedGpuMemory // 1048576
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    _write_all(fd, ("\n".join(head + remaining) + "\n").encode("utf-8"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.utime(tmp, (self._mtime, self._mtime))  # keep its place in the order
+                target = self.path
+                if target.endswith(".part"):
+                    target = target[: -len(".part")]
+                os.replace(tmp, target)
+                if target != self.path:
+                    os.unlink(self.path)
+            except OSError as exc:
+                _unlink(tmp)
+                _log("warning", "argus: cannot rewrite spill file %s: %s", self.path, exc)
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)  # also releases the lock
+            except OSError:
+                pass
+            self._fd = None
+
+
+# ---------------------------------------------------------------------------------------
+# Transports
+# ---------------------------------------------------------------------------------------
+
+
+class _NetworkError(Exception):
+    """Connection refused or reset, DNS, TLS, timeout: anything without an HTTP status.
+
+    ``sent`` is False when the request certainly did not reach the server (it failed while
+    connecting), so that a retry cannot store anything twice.
+    """
+
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent
+
+
+def _short_cause(exc: BaseException) -> str:
+    """One short cause for a failed request: "connection refused", "timed out"..."""
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    for needle, cause in (
+        ("refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("timeout", "timed out"),
+        ("name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("temporary failure in name resolution", "unknown host (DNS)"),
+        ("certificate verify failed", "TLS certificate not trusted"),
+        ("reset by peer", "connection reset"),
+        ("remote end closed", "connection closed by the server"),
+        ("remotedisconnected", "connection closed by the server"),
+        ("no route to host", "no route to host"),
+        ("network is unreachable", "network unreachable"),
+    ):
+        if needle in lowered:
+            return cause
+    return _truncate(text, 200)
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy URL for a request, from HTTP(S)_PROXY and NO_PROXY (either case)."""
+
+    def env(name):
+        return os.environ.get(name.lower()) or os.environ.get(name.upper()) or ""
+
+    proxy = env("%s_proxy" % scheme) or env("all_proxy")
+    if not proxy:
+        return None
+    for entry in env("no_proxy").replace(" ", "").split(","):
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        entry = entry.lstrip(".").split(":")[0].lower()
+        if host.lower() == entry or host.lower().endswith("." + entry):
+            return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+class _StdlibTransport:
+    """HTTP/1.1 with keep-alive on ``http.client``; proxies by CONNECT or absolute URI."""
+
+    name = "urllib"
+
+    def __init__(self, base_url: str, token: str | None = None):
+        import http.client
+        from urllib.parse import unquote, urlsplit
+
+        self._http = http.client
+        url = urlsplit(base_url)
+        self.base_url = base_url
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._prefix = url.path.rstrip("/")
+        self._headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = "Bearer " + token
+        self._proxy = None
+        proxy = _proxy_for(url.scheme, self._host)
+        if proxy:
+            p = urlsplit(proxy)
+            self._proxy = (p.hostname, p.port or 8080)
+            if p.username:
+                import base64
+
+                creds = "%s:%s" % (unquote(p.username), unquote(p.password or ""))
+                self._proxy_auth = "Basic " + base64.b64encode(creds.encode()).decode()
+            else:
+                self._proxy_auth = None
+        self._conn = None
+
+    def _connect(self, timeout: float):
+        http = self._http
+        if self._https:
+            import ssl
+
+            bundle = _ca_bundle()
+            ctx = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+            if self._proxy:
+                conn = http.HTTPSConnection(*self._proxy, timeout=timeout, context=ctx)
+                headers = {"Proxy-Authorization": self._proxy_auth} if self._proxy_auth else None
+                conn.set_tunnel(self._host, self._port, headers=headers)
+                return conn
+            return http.HTTPSConnection(self._host, self._port, timeout=timeout, context=ctx)
+        if self._proxy:
+            return http.HTTPConnection(*self._proxy, timeout=timeout)
+        return http.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
+        """Return ``(status, headers, body_bytes)``; raise _NetworkError without an answer."""
+        target = self._prefix + path
+        hdrs = dict(self._headers)
+        if headers:
+            hdrs.update(headers)
+        if self._proxy and not self._https:
+            target = "http://%s:%d%s" % (self._host, self._port, target)
+            if self._proxy_auth:
+                hdrs["Proxy-Authorization"] = self._proxy_auth
+        timeout = max(0.05, timeout)
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            try:
+                conn = self._conn or self._connect(timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise _NetworkError(
+                    "TLS setup failed (CA bundle %s): %s" % (_ca_bundle(), exc), sent=False
+                ) from None
+            self._conn = conn
+            sent = False
+            try:
+                conn.timeout = timeout
+                if conn.sock is None:
+                    conn.connect()
+                    _no_delay(conn.sock)
+                conn.sock.settimeout(timeout)
+                conn.request(method, target, body=body, headers=hdrs)
+                sent = True
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except (self._http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self.close()
+                if reused and attempt == 0 and not sent:
+                    continue  # the server closed an idle keep-alive connection
+                raise _NetworkError(_short_cause(exc), sent=sent) from None
+            except Exception as exc:  # AttributeError: the socket was taken away by abort()
+                self.close()
+                raise _NetworkError(_short_cause(exc), sent=sent) from None
+        raise _NetworkError("unreachable")  # pragma: no cover
+
+    def abort(self) -> None:
+        """From another thread: end a request that passed its overall deadline."""
+        conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            _shutdown_socket(sock)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
             except Exception:
                 pass
-            gpus.append(
-                {
-                    "index": i,
-                    "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
-                    "name": name.decode() if isinstance(name, bytes) else name,
-                    "util_pct": nv.nvmlDeviceGetUtilizationRates(h).gpu,
-                    "mem_mb": mem.used // 1048576,
-                    "mem_total_mb": mem.total // 1048576,
-                    "temp_c": nv.nvmlDeviceGetTemperature(h, 0),  # 0: NVML_TEMPERATURE_GPU
-                    "proc_mem_mb": mine,
-                }
-            )
-        return gpus
 
 
-def _init_nvml():
+def _shutdown_socket(sock) -> None:
+    import socket
+
     try:
-        import pynvml
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
 
-        pynvml.nvmlInit()
-        return pynvml
+
+def _no_delay(sock) -> None:
+    """http.client sends headers and body in separate writes: without this, Nagle's
+    algorithm and delayed ACKs add ~40 ms to a request."""
+    import socket
+
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _RequestsTransport:
+    """The same interface on a ``requests.Session`` (proxies and NO_PROXY from the env).
+
+    Redirects are not followed: a redirect can turn the POST into a GET that answers 200 and
+    stores nothing, or carry the token to another host.
+    """
+
+    name = "requests"
+
+    def __init__(self, base_url: str, token: str | None = None):
+        import requests
+
+        self._requests = requests
+        self.base_url = base_url
+        self._session = requests.Session()
+        self._session.headers.update({"User-Agent": _USER_AGENT, "Accept": "application/json"})
+        if token:
+            self._session.headers["Authorization"] = "Bearer " + token
+        self._verify = _ca_bundle() or True
+        # Proxies come from _proxy_for, as for the stdlib transport: requests' own look-up
+        # iterates os.environ, which raises when the program changes it meanwhile.
+        self._session.trust_env = False
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        proxy = _proxy_for(parts.scheme, parts.hostname or "")
+        self._proxies = {parts.scheme: proxy} if proxy else {}
+        self._sockets = weakref.WeakSet()
+        adapter = _tracking_adapter(requests, self._sockets)
+        if adapter is not None:
+            self._session.mount("http://", adapter)
+            self._session.mount("https://", adapter)
+        self._adapter = self._session.get_adapter(base_url)
+        self._prepared = {}  # (method, path, content type) -> a prepared request to copy
+
+    def _send_prepared(self, method: str, path: str, body, headers, timeout: float):
+        """A bytes body (every event request): a copy of a request prepared once, handed to
+        the adapter. Session.request would merge settings, run hooks and read cookies for
+        each request: half of the CPU that requests costs per request, all of it unused
+        here (the settings are fixed, redirects are not followed, the server sets no
+        cookies)."""
+        ctype = headers.get("Content-Type") if headers else None
+        key = (method, path, ctype)
+        template = self._prepared.get(key)
+        if template is None:
+            if len(self._prepared) > 64:
+                self._prepared.clear()
+            extra = {"Content-Type": ctype} if ctype else None
+            template = self._session.prepare_request(
+                self._requests.Request(method, self.base_url + path, headers=extra)
+            )
+            self._prepared[key] = template
+        prepared = template.copy()
+        if body is not None:
+            prepared.body = body
+            prepared.headers["Content-Length"] = str(len(body))
+        return self._adapter.send(
+            prepared, timeout=(timeout, timeout), verify=self._verify, proxies=self._proxies
+        )
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
+        timeout = max(0.05, timeout)
+        requests = self._requests
+        try:
+            if body is None or type(body) is bytes:
+                resp = self._send_prepared(method, path, body, headers, timeout)
+            else:  # an upload's streamed multipart body
+                resp = self._session.request(
+                    method,
+                    self.base_url + path,
+                    data=body,
+                    headers=headers,
+                    timeout=(timeout, timeout),
+                    verify=self._verify,
+                    allow_redirects=False,
+                    proxies=self._proxies,
+                )
+            data = resp.content
+        except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
+            raise _NetworkError(_short_cause(exc), sent=False) from None
+        except requests.ConnectionError as exc:
+            text = str(exc)
+            sent = not ("NewConnectionError" in text or "Failed to establish" in text)
+            raise _NetworkError(_short_cause(exc), sent=sent) from None
+        except requests.RequestException as exc:
+            raise _NetworkError(_short_cause(exc)) from None
+        except Exception as exc:  # a fault inside the library costs this request only
+            raise _NetworkError(_short_cause(exc)) from None
+        return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, data
+
+    def abort(self) -> None:
+        for sock in list(self._sockets):
+            _shutdown_socket(sock)
+
+    def close(self) -> None:
+        try:
+            self._session.close()
+        except Exception:
+            pass
+
+
+def _tracking_adapter(requests, sockets):
+    """An HTTPAdapter whose connections record their sockets, so abort() can end a request
+    that a server dribbles out byte by byte (requests' timeouts are per read). None when
+    urllib3's classes are not what we expect: then abort() does nothing."""
+    try:
+        from urllib3 import connection, connectionpool
+
+        def tracked(base):
+            class Tracked(base):
+                def connect(self):
+                    super().connect()
+                    if getattr(self, "sock", None) is not None:
+                        sockets.add(self.sock)
+
+            return Tracked
+
+        class Pool(connectionpool.HTTPConnectionPool):
+            ConnectionCls = tracked(connection.HTTPConnection)
+
+        class TLSPool(connectionpool.HTTPSConnectionPool):
+            ConnectionCls = tracked(connection.HTTPSConnection)
+
+        class Adapter(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+        return Adapter()
     except Exception:
         return None
 
 
-def _first_visible(gpus: list, visible: str | None):
-    """The device that CUDA calls 0: the first entry of CUDA_VISIBLE_DEVICES, by index or UUID."""
-    if visible is None:
-        return gpus[0]
-    for token in visible.split(","):
-        token = token.strip()
-        if not token or token.startswith("-"):
-            return None  # "" or "-1": no device is visible
-        for gpu in gpus:
-            if token.isdigit() and gpu["index"] == int(token):
-                return gpu
-            if not token.isdigit() and str(gpu["uuid"]).startswith(token):
-                return gpu
-        return None
-    return None
+def _make_transport(base_url: str, token: str | None):
+    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
+    if choice not in ("urllib", "stdlib", "http.client") and _imports["requests"] != "broken":
+        try:
+            return _RequestsTransport(base_url, token)
+        except ImportError:
+            if choice == "requests":
+                _log_once(
+                    "no-requests",
+                    "warning",
+                    "argus: %s=requests but requests is not importable; using the standard "
+                    "library",
+                    ENV_TRANSPORT,
+                )
+    return _StdlibTransport(base_url, token)
 
 
-# ---------------------------------------------------------------------------------------
-# Reporter and JobContext
-# ---------------------------------------------------------------------------------------
+def _transport_name() -> str:
+    choice = os.environ.get(ENV_TRANSPORT, "").strip().lower()
+    if choice in ("urllib", "stdlib", "http.client"):
+        return "urllib"
+    import importlib.util
+
+    return "requests" if importlib.util.find_spec("requests") else "urllib"
 
 
-def _interval(value, default: float, name: str):
-    if value is True:
+def _retry_after(headers: dict, default: float) -> float:
+    raw = headers.get("retry-after")
+    if not raw:
         return default
-    if value is False or value is None:
-        return None
-    if isinstance(value, (int, float)) and value > 0:
-        return float(value)
-    raise ValueError("%s must be True, False or a number of seconds > 0; got %r" % (name, value))
-
-
-def _rank_elsewhere():
-    """The (variable, rank) of a DDP/SLURM rank other than 0, else None."""
-    for name in ("RANK", "SLURM_PROCID"):
-        raw = os.environ.get(name, "").strip()
-        if raw:
-            try:
-                return (name, int(raw)) if int(raw) != 0 else None
-            except ValueError:
-                return None
-    return None
-
-
-class Reporter:
-    """Context manager for one experiment batch.
-
-    ``__enter__`` emits ``batch_start`` and starts the heartbeat, stop-poll and
-    resource-snapshot daemon threads; ``__exit__`` emits ``batch_done`` (or ``batch_failed``
-    when the block raised), uploads ``auto_upload_dirs`` on a clean exit, stops the daemons
-    (at most 2 s each) and drains the queue (at most 3 s; the rest is spilled to disk).
-    """
-
-    def __init__(
-        self,
-        batch_prefix: str = "batch",
-        *,
-        experiment_type: str | None = None,
-        source_project: str | None = None,
-        command: str | None = None,
-        n_total: int | None = None,
-        heartbeat: bool | float = True,
-        stop_polling: bool | float = True,
-        resource_snapshot: bool | float = True,
-        monitor_url: str | None = None,
-        token: str | None = None,
-        auto_upload_dirs=None,
-        batch_id: str | None = None,
-        resume_from: str | None = None,
-        all_ranks: bool | None = None,
-        durable: bool | None = None,
-        drain_timeout: float | None = None,
-        capture_output: bool | None = None,
-    ):
-        if not isinstance(batch_prefix, str) or not batch_prefix:
-            raise TypeError("batch_prefix must be a non-empty string; got %r" % (batch_prefix,))
-        for value in (batch_id, resume_from):
-            if value is not None:
-                _check_batch_id(value)
-        if isinstance(auto_upload_dirs, (str, bytes)) or hasattr(auto_upload_dirs, "__fspath__"):
-            auto_upload_dirs = [auto_upload_dirs]
-        if drain_timeout is not None and not (isinstance(drain_timeout, (int, float)) and drain_timeout >= 0):
-            raise ValueError("drain_timeout must be a number of seconds >= 0; got %r" % (drain_timeout,))
-        self._batch_id = batch_id or resume_from or new_batch_id(batch_prefix)
-        self.experiment_type = experiment_type
-        self.source_project = source_project or "default"
-        self.command = command
-        self.n_total = n_total
-        self._intervals = (
-            _interval(heartbeat, DEFAULT_HEARTBEAT_S, "heartbeat"),
-            _interval(stop_polling, DEFAULT_STOP_POLL_S, "stop_polling"),
-            _interval(resource_snapshot, DEFAULT_RESOURCE_S, "resource_snapshot"),
-        )
-        self._monitor_url = monitor_url
-        self._token = token
-        self._auto_upload_dirs = list(auto_upload_dirs or ())
-        self._all_ranks = all_ranks
-        self._durable = durable
-        self._drain_timeout = drain_timeout
-        self._job_ids = {}  # job id -> how many jobs used it (a repeat is renamed id-2, id-3...)
-        self._end_sent = False
-        self._capture = _env_flag(ENV_CAPTURE_OUTPUT) if capture_output is None else bool(capture_output)
-        self._sender = None
-        self._stopped = False
-        self._jobs = []
-        self._n_done = 0
-        self._n_failed = 0
-        self._threads = []
-        self._halt = threading.Event()
-        self._poll_transport = None
-        self._entered = False
-        self._finishing = False
-        self._finished = False
-        self._pid = None
-        self._t0 = 0.0
-        self._env_thread = None
-
-    @property
-    def batch_id(self) -> str:
-        return self._batch_id
-
-    @property
-    def stopped(self) -> bool:
-        """True once the Argus UI's Stop button was pressed for this batch."""
-        return self._stopped
-
-    def job(self, job_id: str, *, model: str | None = None, dataset: str | None = None) -> JobContext:
-        """A job of this batch: ``with r.job("etth1_dlinear", model=..., dataset=...) as job:``."""
-        return JobContext(self, job_id, model=model, dataset=dataset)
-
-    def _claim_job_id(self, job_id: str) -> str:
-        """The id a new job is recorded under: a repeat in this batch gets a suffix."""
-        uses = self._job_ids.get(job_id, 0) + 1
-        self._job_ids[job_id] = uses
-        if "/" in job_id and uses == 1:
-            _log_once(
-                "slash:" + job_id,
-                "warning",
-                "argus: job id %r contains '/': its events are recorded, but the server cannot "
-                "address its artifacts, so its uploads are skipped. Use another separator, "
-                "e.g. %r.",
-                job_id,
-                job_id.replace("/", ":"),
-            )
-        if uses == 1:
-            return job_id
-        renamed = "%s-%d" % (job_id, uses)
-        while renamed in self._job_ids:
-            uses += 1
-            renamed = "%s-%d" % (job_id, uses)
-        self._job_ids[renamed] = 1
-        _log(
-            "warning",
-            "argus: job id %r was already used in batch %s; this job is recorded as %r. "
-            "Give each job of a batch its own id.",
-            job_id,
-            self._batch_id,
-            renamed,
-        )
-        return renamed
-
-    def emit(self, event: str, **fields) -> None:
-        """Send one event of any type in this batch (escape hatch for unusual events)."""
-        if event not in EVENT_TYPES and event not in _SERVER_EXTRA_TYPES:
-            raise ValueError(
-                "unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES + _SERVER_EXTRA_TYPES))
-            )
-        if self._sender is not None:
-            self._sender.emit(event, batch_id=self._batch_id, **fields)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until what was emitted so far is delivered or spilled."""
-        return self._sender.flush(timeout) if self._sender is not None else True
-
-    def __enter__(self) -> Reporter:
-        if self._entered:
-            raise RuntimeError("a Reporter can be entered once; create a new one for a new batch")
-        self._entered = True
-        self._pid = os.getpid()
-        self._t0 = _mono()
-        elsewhere = _rank_elsewhere()
-        all_ranks = _env_flag(ENV_ALL_RANKS) if self._all_ranks is None else self._all_ranks
-        if elsewhere and not all_ranks:
-            _log_once(
-                "rank",
-                "info",
-                "argus: this process is rank %d (%s); only rank 0 reports. Set %s=1 or "
-                "Reporter(all_ranks=True) to report from every rank.",
-                elsewhere[1],
-                elsewhere[0],
-                ENV_ALL_RANKS,
-            )
-        else:
-            sender = ExperimentReporter(
-                self._monitor_url,
-                self.source_project,
-                auth_token=self._token,
-                queue_size=int(_env_float(ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE)),
-                batch_id=self._batch_id,
-                durable=self._durable,
-            )
-            if sender.enabled:
-                self._sender = sender
-                sender.batch_start(
-                    self.experiment_type,
-                    self.n_total,
-                    command=self.command if self.command is not None else _process_command(),
-                )
-        _active.append(self)
-        self._env_thread = threading.get_ident()
-        _publish_batch_env()
-        if self._sender is not None:
-            _install_sigterm()
-            self._start_daemons()
-            _capture_start(self)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._finishing or os.getpid() != self._pid:
-            return False  # a forked child leaving the block does not end the parent's batch
-        if exc_type is not None and issubclass(exc_type, GeneratorExit):
-            exc_type = exc = None
-        try:
-            self._finish(exc_type, exc)
-        except Exception as exc2:  # never out of __exit__
-            _log("error", "argus: error while ending batch %s: %r", self._batch_id, exc2)
-        return False
-
-    def _finish(self, exc_type, exc, reason: str | None = None) -> None:
-        self._finishing = True
-        self._halt.set()
-        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
-            self._poll_transport.abort()
-        for thread in self._threads:
-            thread.join(THREAD_JOIN_S)
-        sender = self._sender
-        if sender is not None:
-            try:
-                if exc_type is None and reason is None:
-                    self._upload_dirs(sender)  # a SIGTERM here ends the batch as failed instead
-                    self._send_end(None)
-                else:
-                    self._send_end(reason or _reason(exc_type, exc))
-            finally:
-                sender.close(_drain_s(self._drain_timeout))
-        self._finished = True
-        self._leave()
-
-    def _send_end(self, failure: str | None) -> None:
-        """batch_done, or batch_failed with ``failure``: exactly one of them, once."""
-        if self._end_sent or self._sender is None:
-            return
-        self._end_sent = True
-        elapsed = round(_mono() - self._t0, 3)
-        if failure is None:
-            self._sender.batch_done(self._n_done, self._n_failed, total_elapsed_s=elapsed)
-        else:
-            self._sender.batch_failed(failure, total_elapsed_s=elapsed)
-
-    def _leave(self) -> None:
-        _capture_stop(self)
-        if self in _active:
-            _active.remove(self)
-        if threading.get_ident() == self._env_thread:
-            _publish_batch_env()
-        _uninstall_sigterm()
-
-    def _terminate(self, reason: str) -> None:
-        """SIGTERM: fail the open jobs and the batch, then flush or spill within the bounds."""
-        if self._finished or self._pid != os.getpid():
-            return
-        self._finishing = True
-        self._halt.set()
-        if self._poll_transport is not None:  # a poll that a server dribbles out ends now
-            self._poll_transport.abort()
-        for job in reversed(list(self._jobs)):
-            job._end(None, None, reason)
-        self._send_end(reason)
-        if self._sender is not None:
-            self._sender.close(_drain_s(self._drain_timeout))
-        self._finished = True
-        self._leave()
-
-    def _upload_dirs(self, sender: ExperimentReporter) -> None:
-        uploads = []
-        for directory in self._auto_upload_dirs:
-            for path in _artifact_files(os.fsdecode(directory), "**/*"):
-                route = "/api/batches/%s/artifacts" % _quote(self._batch_id)
-                uploads.append(_Upload(route, path, None, None, True))
-        if uploads:
-            sender._uploads(uploads, AUTO_UPLOAD_WAIT_S)
-
-    # -- daemon threads -------------------------------------------------------------------
-
-    def _start_daemons(self) -> None:
-        heartbeat, stop_poll, resources = self._intervals
-        if stop_poll and self._sender._offline:
-            _log_once("offline-stop", "info", "argus: offline mode: the Stop button is not polled")
-            stop_poll = None
-        for name, target, interval in (
-            ("argus-stop-poller", self._poll_stop, stop_poll),
-            ("argus-heartbeat", self._beat, heartbeat),
-            ("argus-resources", self._sample, resources),
-        ):
-            if interval:
-                thread = threading.Thread(target=target, args=(interval,), name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _poll_stop(self, interval: float) -> None:
-        sender = self._sender
-        route = "/api/batches/%s/stop-requested" % _quote(self._batch_id)
-        transport = None
-        delay = interval
-        backoff = 1.0  # doubles on each 429 of the poll itself, halves on each answer
-        try:
-            while not self._halt.wait(delay):
-                # A shared token's budget goes to the events first: while ingest is being
-                # paced (429s), the poll waits several of its gaps.
-                delay = interval * backoff + 4.0 * sender.sender._pace_gap
-                try:
-                    if transport is None:
-                        transport = self._poll_transport = _make_transport(sender.url, sender._token)
-                    status, headers, body = transport.request(
-                        "GET", route, timeout=min(THREAD_JOIN_S, max(1.0, interval))
-                    )
-                except _NetworkError:
-                    continue
-                except Exception as exc:  # a fault costs this poll, never the poller
-                    _log_once("poll:%d" % id(self), "warning", "argus: a stop poll failed: %r", exc)
-                    continue
-                if status != 429:
-                    backoff = max(1.0, backoff / 2)
-                if status == 200:
-                    try:
-                        answer = _loads(body.decode("utf-8"))
-                    except ValueError:
-                        continue
-                    if isinstance(answer, dict) and (
-                        answer.get("requested") is True or answer.get("stop_requested") is True
-                    ):
-                        self._stopped = True
-                        _log("warning", "argus: Stop was requested for batch %s", self._batch_id)
-                        return
-                elif status == 429:
-                    backoff = min(32.0, backoff * 2)
-                    delay = max(interval * backoff, _retry_after(headers, interval)) + 4.0 * sender.sender._pace_gap
-                elif status in (401, 403):
-                    _log(
-                        "error",
-                        "argus: the stop poller was refused (%d %s); the Stop button will not "
-                        "work for this run",
-                        status,
-                        _error_text(body),
-                    )
-                    return
-                # 404: the server has not stored the batch yet; anything else: try again
-        except Exception as exc:
-            _log("error", "argus: the stop poller stopped: %r", exc)
-        finally:
-            if transport is not None:
-                transport.close()
-
-    def _beat(self, interval: float) -> None:
-        """A batch-level resource_snapshot when nothing was sent for ``interval`` seconds, so
-        that a quiet but healthy run does not look stalled. It carries a cheap real sample
-        (this process's memory and CPU): a row of nulls is an empty point in the charts."""
-        sender = self._sender
-        sample = _ProcessSample()
-        try:
-            while True:
-                if sender._queue or sender.worker._inflight:  # events are on their way: not quiet
-                    sender.sender._last_activity = _mono()
-                quiet = _mono() - sender.sender._last_activity
-                if self._halt.wait(max(0.05, interval - quiet)):
-                    return
-                if sender._queue or sender.worker._inflight:
-                    sender.sender._last_activity = _mono()
-                if _mono() - sender.sender._last_activity >= interval:
-                    sender.resource_snapshot(
-                        heartbeat=True, elapsed_s=round(_mono() - self._t0, 1), **sample.take()
-                    )
-                    sender.sender._last_activity = _mono()
-        except Exception as exc:
-            _log("error", "argus: the heartbeat stopped: %r", exc)
-
-    def _sample(self, interval: float) -> None:
-        try:
-            sampler = _ResourceSampler()
-            while not self._halt.wait(interval):
-                fields = sampler.sample()
-                if fields and not self._halt.is_set():  # a late sample would outlive the batch
-                    self._sender.resource_snapshot(**fields)
-        except Exception as exc:
-            _log("error", "argus: resource sampling stopped: %r", exc)
-
-    def _after_fork(self) -> None:
-        self._threads = []  # they do not exist in the child
-        self._halt = threading.Event()
-
-
-class _ProcessSample:
-    """This process's resident memory (MB) and CPU use (% of one core since the last take):
-    two cheap reads, no /proc walk, no GPU query."""
-
-    def __init__(self):
-        self._cpu = self._cpu_s()
-        self._at = _mono()
-
-    @staticmethod
-    def _cpu_s() -> float:
-        times = os.times()
-        return times[0] + times[1]
-
-    def take(self) -> dict:
-        out = {}
-        now, cpu = _mono(), self._cpu_s()
-        if now > self._at:
-            out["proc_cpu_pct"] = round(100.0 * (cpu - self._cpu) / (now - self._at), 1)
-        self._cpu, self._at = cpu, now
-        try:
-            with open("/proc/self/statm", "rb") as f:
-                resident = int(f.read().split()[1])
-            out["proc_ram_mb"] = round(resident * os.sysconf("SC_PAGE_SIZE") / 1048576.0, 1)
-        except (OSError, ValueError, IndexError, AttributeError):
-            try:
-                import resource
-
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-                out["proc_ram_mb"] = round(peak / (1048576.0 if sys.platform == "darwin" else 1024.0), 1)
-            except (ImportError, OSError, AttributeError):
-                pass
-        return out
-
-
-def _artifact_files(path, pattern: str) -> list:
-    from pathlib import Path
-
-    root = Path(path)
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(p for p in root.glob(pattern) if p.is_file())
-    else:
-        _log("warning", "argus: %s does not exist; nothing uploaded", root)
-        return []
-    kept = [str(p) for p in files if p.suffix.lower() in ARTIFACT_EXTENSIONS]
-    if len(kept) < len(files):
-        _log(
-            "info",
-            "argus: %d file(s) under %s skipped: only %s are uploaded",
-            len(files) - len(kept),
-            root,
-            "/".join(ARTIFACT_EXTENSIONS),
-        )
-    return kept
-
-
-class _Ended:
-    """Stands in for the sender of a job whose block ended: its calls are refused, once loudly."""
-
-    _slow = True
-
-
-_ENDED = _Ended()
-
-
-class JobContext:
-    """Context manager for one job of a batch: ``job_start`` in, ``job_done``/``job_failed`` out."""
-
-    def __init__(self, parent: Reporter, job_id: str, *, model: str | None = None, dataset: str | None = None):
-        if not isinstance(parent, Reporter):
-            raise TypeError("JobContext needs a Reporter: use `with reporter.job(job_id) as job:`")
-        _check_job_id(job_id)
-        self._parent = parent
-        self._job_id = job_id
-        self._model = model
-        self._dataset = dataset
-        self._sender = None
-        self._metrics = {}
-        self._epochs = 0
-        self._entered = False
-        self._done = False
-        self._pid = None
-        self._t0 = 0.0
-
-    @property
-    def job_id(self) -> str:
-        return self._job_id
-
-    @property
-    def stopped(self) -> bool:
-        return self._parent._stopped
-
-    def __enter__(self) -> JobContext:
-        if self._entered:
-            raise RuntimeError("a JobContext can be entered once; call reporter.job(...) again")
-        self._entered = True
-        self._pid = os.getpid()
-        self._t0 = _mono()
-        self._job_id = self._parent._claim_job_id(self._job_id)
-        self._sender = self._parent._sender
-        self._parent._jobs.append(self)
-        if self._sender is not None:
-            self._sender.job_start(self._job_id, model=self._model, dataset=self._dataset)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._done or os.getpid() != self._pid:
-            return False
-        if exc_type is not None and issubclass(exc_type, GeneratorExit):
-            exc_type = exc = None
-        try:
-            self._end(exc_type, exc)
-        except Exception as exc2:  # never out of __exit__
-            _log("error", "argus: error while ending job %s: %r", self._job_id, exc2)
-        return False
-
-    def _end(self, exc_type, exc, reason: str | None = None) -> None:
-        self._done = True
-        try:
-            _end_job_log(self, exc)  # its last console lines, then the traceback of a failure
-        except Exception as exc2:
-            _log("error", "argus: could not send the end of job %s's log: %r", self._job_id, exc2)
-        self._sender_after = self._sender
-        self._sender = _ENDED
-        parent = self._parent
-        if self in parent._jobs:
-            parent._jobs.remove(self)
-        elapsed = round(_mono() - self._t0, 3)
-        sender = self._sender_after
-        if exc_type is None and reason is None:
-            parent._n_done += 1
-            if sender is not None:
-                sender.job_done(
-                    self._job_id, metrics=self._metrics or None, elapsed_s=elapsed, train_epochs=self._epochs
-                )
-        else:
-            parent._n_failed += 1
-            if sender is not None:
-                sender.job_failed(self._job_id, reason=reason or _reason(exc_type, exc), elapsed_s=elapsed)
-
-    def _not_entered(self) -> None:
-        if not self._entered:
-            raise RuntimeError("use the job as a context manager: `with reporter.job(job_id) as job:`")
-
-    def _after_end(self, call: str) -> None:
-        _log_once(
-            "ended:%d" % id(self),
-            "warning",
-            "argus: job.%s() for job %r after its `with` block ended is not sent. Call it "
-            "inside the block.",
-            call,
-            self._job_id,
-        )
-
-    def epoch(
-        self, epoch: int, *, train_loss=None, val_loss=None, lr=None, batch_time_ms=None, **extra
-    ) -> None:
-        """Emit one ``job_epoch`` event (None values are left out)."""
-        # The hot path of every training loop: ExperimentReporter._submit inlined.
-        sender = self._sender
-        if sender is None or sender._slow or extra:
-            return self._epoch(epoch, train_loss, val_loss, lr, batch_time_ms, extra)
-        self._epochs += 1
-        data = {"epoch": epoch}
-        if train_loss is not None:
-            data["train_loss"] = train_loss
-        if val_loss is not None:
-            data["val_loss"] = val_loss
-        if lr is not None:
-            data["lr"] = lr
-        if batch_time_ms is not None:
-            data["batch_time_ms"] = batch_time_ms
-        for value in data.values():
-            if type(value) not in _PLAIN_TYPES:
-                data = _jsonable(data)
-                data["epoch"] = _epoch_number(epoch)
-                break
-        if sender.durable:
-            return sender._submit_durable("job_epoch", self._job_id, data)
-        queue = sender._queue
-        if len(queue) >= sender._qmax:
-            return sender._overflow(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
-        queue.append(("job_epoch", sender._batch_id, self._job_id, _now(), data, 0))
-        if sender._idle:
-            sender._wake()
-
-    def _epoch(self, epoch, train_loss, val_loss, lr, batch_time_ms, extra) -> None:
-        sender = self._sender
-        if sender is None:
-            return self._not_entered()
-        if sender is _ENDED:
-            return self._after_end("epoch")
-        self._epochs += 1
-        data = {"epoch": _epoch_number(epoch)}
-        for key, value in (
-            ("train_loss", train_loss),
-            ("val_loss", val_loss),
-            ("lr", lr),
-            ("batch_time_ms", batch_time_ms),
-        ):
-            if value is not None:
-                data[key] = value
-        data.update({k: v for k, v in extra.items() if v is not None})
-        sender._submit("job_epoch", self._job_id, data)
-
-    def metrics(self, m: dict) -> None:
-        """Stash final metrics; they are sent with ``job_done``."""
-        if not isinstance(m, dict):
-            raise TypeError("metrics() takes a dict, e.g. job.metrics({'MSE': 0.44}); got %r" % (m,))
-        if self._sender is _ENDED:
-            return self._after_end("metrics")
-        self._metrics.update(_jsonable(m))
-
-    def log(self, message, level: str = "INFO") -> None:
-        """Emit a ``log_line`` event (level in lower case; long lines are truncated)."""
-        sender = self._sender
-        if sender is None:
-            return self._not_entered()
-        if sender is _ENDED:
-            return self._after_end("log")
-        sender.log_line(self._job_id, message, level=level)
-
-    def upload(self, path, *, glob: str = "**/*.png") -> int:
-        """Upload a file, or the files under a directory matching ``glob``.
-
-        Only .png/.jpg/.jpeg/.pdf/.svg files are sent. Returns how many were uploaded; uploads
-        leave after the events queued before them and are skipped while the server is
-        unreachable (or recorded for ``argus sync`` in offline mode).
-        """
-        sender = self._sender
-        if sender is None:
-            self._not_entered()
-            return 0
-        if sender is _ENDED:
-            self._after_end("upload")
-            return 0
-        if "/" in self._job_id:
-            _log("warning", "argus: upload of %s skipped: job id %r contains '/'", path, self._job_id)
-            return 0
-        route = "/api/jobs/%s/artifacts" % _quote(self._job_id)
-        uploads = [_Upload(route, p, None, None, False) for p in _artifact_files(path, glob)]
-        if not uploads:
-            return 0
-        return sum(1 for result in sender._uploads(uploads) if result is not None)
-
-
-# ---------------------------------------------------------------------------------------
-# Job logs: tracebacks, logging handler, console capture
-# ---------------------------------------------------------------------------------------
-# Three ways into a job's log pane besides job.log(): the traceback of a failure (always),
-# records of the `logging` module (argus.LogHandler) and console output
-# (Reporter(capture_output=True)). Each sends log_line events to the innermost open job of
-# the innermost active Reporter. A log_line needs a job id (PROTOCOL.md), so a batch that
-# fails outside any job has no log to put its traceback in: its cause is in batch_failed.
-
-
-def _send_traceback(sender: ExperimentReporter, job_id: str, exc) -> None:
-    """One ``log_line`` (level error) with the scrubbed, bounded traceback of ``exc``."""
-    if not isinstance(exc, BaseException) or not _env_flag(ENV_TRACEBACKS, True):
-        return
     try:
-        sender.log_line(job_id, _traceback_text(exc, sender._token), level="error")
-    except Exception as error:  # a failure report must not fail
-        _log("warning", "argus: could not send the traceback of job %s: %r", job_id, error)
+        seconds = float(raw)
+    except ValueError:
+        try:
+            from email.utils import parsedate_to_datetime
+
+            seconds = parsedate_to_datetime(raw).timestamp() - _now()
+        except (TypeError, ValueError, IndexError):
+            return default
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
-def _traceback_text(exc: BaseException, token: str | None = None) -> str:
-    """The formatted traceback, secrets hidden, cut from the front to TRACEBACK_MAX_BYTES."""
-    import traceback
+def _random() -> float:
+    """Uniform in [0, 1), from os.urandom: forked processes must not draw the same numbers."""
+    return int.from_bytes(os.urandom(2), "big") / 65536.0
 
-    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
-    text = _scrub_text(full[-4 * TRACEBACK_MAX_BYTES :], token)  # bound the scrubbing too
-    data = text.encode("utf-8", "replace")
-    if len(full) <= 4 * TRACEBACK_MAX_BYTES and len(data) <= TRACEBACK_MAX_BYTES:
+
+def _jitter(seconds: float) -> float:
+    return seconds * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        detail = _loads(body.decode("utf-8", "replace"))
+        if isinstance(detail, dict) and "detail" in detail:
+            return str(detail["detail"])
+    except ValueError:
+        pass
+    return _truncate(body.decode("utf-8", "replace"), 300)
+
+
+class _MultipartBody:
+    """A multipart/form-data body streamed from the file: iterable, with a known length."""
+
+    def __init__(self, path: str, fields: dict):
+        self.boundary = "argus-%s" % os.urandom(12).hex()
+        self.content_type = "multipart/form-data; boundary=" + self.boundary
+        self._path = path
+        filename = os.path.basename(path)
+        for char in '"\r\n':
+            filename = filename.replace(char, "_")
+        head = []
+        for name, value in fields.items():
+            head.append(
+                '--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                % (self.boundary, name, value)
+            )
+        head.append(
+            '--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
+            "Content-Type: %s\r\n\r\n" % (self.boundary, filename, _mime_type(path))
+        )
+        self._head = "".join(head).encode("utf-8")
+        self._tail = ("\r\n--%s--\r\n" % self.boundary).encode("ascii")
+        self._length = len(self._head) + os.path.getsize(path) + len(self._tail)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        yield self._head
+        with open(self._path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                yield chunk
+        yield self._tail
+
+
+def _mime_type(path: str) -> str:
+    return {
+        ".png": "image/png",
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".pdf": "application/pdf",
+        ".svg": "image/svg+xml",
+    }.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
+
+
+# ---------------------------------------------------------------------------------------
+# Values and events
+# ---------------------------------------------------------------------------------------
+
+# Values of these exact types go onto the queue untouched; anything else is converted on
+# the caller's thread (a tensor may change in place after the call).
+_PLAIN_TYPES = frozenset((int, float, str, bool, type(None)))
+
+_json_encode = None
+_json_encode_chunks = None  # the C encoder itself, where there is one (see _dumps)
+
+
+def _dumps(value) -> str:
+    """Strict JSON (RFC 8259): raises ValueError on NaN/Infinity."""
+    global _json_encode, _json_encode_chunks
+    if _json_encode is None:
+        import json
+
+        try:  # the C encoder object is reusable: building it per call costs more than encoding
+            from json.encoder import c_make_encoder, encode_basestring_ascii
+
+            def refuse(obj):
+                raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+
+            encoder = c_make_encoder(
+                None, refuse, encode_basestring_ascii, None, ":", ",", False, False, False
+            )
+
+            def _json_encode(obj):
+                return "".join(encoder(obj, 0))
+
+            _json_encode_chunks = encoder
+
+        except (ImportError, TypeError):  # no C accelerator (PyPy) or a changed signature
+            _json_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+    return _json_encode(value)
+
+
+def _loads(text):
+    import json
+
+    return json.loads(text)
+
+
+def _truncate(text: str, limit: int = MAX_STRING_CHARS) -> str:
+    if len(text) <= limit:
         return text
-    # Keep the end: the exception itself and its innermost frames, from a line start on.
-    marker = "[argus: this traceback was cut to its last %d KiB]\n" % (TRACEBACK_MAX_BYTES // 1024)
-    tail = data[-(TRACEBACK_MAX_BYTES - len(marker)) :].decode("utf-8", "ignore")
-    line_start = tail.find("\n", 0, 1024)
-    return marker + tail[line_start + 1 :]
+    return text[:limit] + "...[truncated %d chars]" % (len(text) - limit)
 
 
-def _scrub_text(text: str, token: str | None = None) -> str:
-    """Hide secrets in free text with the command line's rules (see _scrub_args).
+def _json_key(key) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None:
+        return "null"
+    if key is True or key is False:
+        return "true" if key else "false"
+    return str(key)
 
-    ``--token X``, ``password=X``, ``api_key: X``, ``"secret": "X"``, em_live_ tokens,
-    ``Bearer X``, the password of ``scheme://user:password@host`` and the configured token.
+
+def _jsonable(value, _depth: int = 0):
+    """Return a JSON-safe copy of ``value`` (non-finite floats are kept; see _encode_data).
+
+    Never raises: a value whose own methods fail (``__str__``, ``__float__``, ``items()``...)
+    becomes a ``<unconvertible ...>`` marker string, so the call that carries it returns and
+    the rest of its event is still sent.
     """
+    kind = type(value)
+    if kind is str:
+        return _truncate(value)
+    if value is None or kind is bool or kind is float:
+        return value
+    if kind is int:
+        return value if -_BIG_INT < value < _BIG_INT else _big_int(value)
+    try:
+        return _convert(value, _depth)
+    except Exception as exc:  # a value whose own methods raise: RecursionError included
+        return _unconvertible(value, exc)
+
+
+def _convert(value, _depth: int):
+    if _depth >= _MAX_DEPTH:
+        return _short_repr(value)
+    if isinstance(value, dict):
+        return {_json_key(k): _jsonable(v, _depth + 1) for k, v in dict.items(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, _depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [_jsonable(v, _depth + 1) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=repr)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):  # IntEnum, IntFlag and other int subclasses
+        return _jsonable(int.__index__(value), _depth)
+    if isinstance(value, float):
+        return float.__float__(value)  # the float's own value, whatever the subclass overrides
+    if isinstance(value, str):
+        return _truncate(str.__getitem__(value, slice(None)))  # its characters, not its __str__
+    if isinstance(value, (bytes, bytearray)):
+        return _truncate(bytes(value).decode("utf-8", "replace"))
+    # numpy scalars, 0-d arrays and 0-d torch tensors: their own item(), no import needed.
+    shape = getattr(value, "shape", None)
+    if shape is not None and callable(getattr(value, "item", None)):
+        try:
+            if tuple(shape) == () or _size(value) == 1:
+                return _jsonable(value.item(), _depth + 1)
+            if callable(getattr(value, "tolist", None)) and _size(value) <= 10_000:
+                return _jsonable(value.tolist(), _depth + 1)
+        except Exception:
+            pass
+    if hasattr(value, "isoformat"):  # datetime, date, time
+        try:
+            return value.isoformat()
+        except Exception:
+            pass
+    if hasattr(value, "__fspath__"):
+        return os.fspath(value)
+    if hasattr(value, "_value_"):  # Enum
+        return _jsonable(value._value_, _depth + 1)
+    if hasattr(value, "__float__") and not hasattr(value, "__len__"):  # Decimal, Fraction
+        try:
+            return float(value)
+        except Exception:
+            pass
+    return _truncate(str(value))
+
+
+# str(int) refuses more than 4,300 digits (Python 3.11+); such an int travels as a string.
+_BIG_INT = 10**4000
+
+
+def _big_int(value: int) -> str:
+    return "<int of %d bits: 0x%s>" % (value.bit_length(), _truncate("%x" % value, 64))
+
+
+def _short_repr(value) -> str:
+    """A value nested deeper than _MAX_DEPTH: its repr, bounded, or a marker."""
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return "<%s nested deeper than %d levels>" % (type(value).__name__, _MAX_DEPTH)
+    try:
+        return _truncate(repr(value), 1000)
+    except Exception as exc:
+        return _unconvertible(value, exc)
+
+
+def _unconvertible(value, exc) -> str:
+    try:
+        name = type(value).__name__
+    except Exception:
+        name = "object"
+    return "<unconvertible %s: %s>" % (name, type(exc).__name__)
+
+
+def _text(value) -> str:
+    """``str(value)`` for log lines and reasons, never raising."""
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__getitem__(value, slice(None))
+    try:
+        text = str(value)
+        return text if type(text) is str else str.__getitem__(text, slice(None))
+    except Exception as exc:
+        return _unconvertible(value, exc)
+
+
+def _dumps_safe(value) -> str:
+    """Strict JSON of an already converted value; a value that still fails becomes a marker."""
+    try:
+        return _dumps(value)
+    except Exception as exc:
+        return _dumps(_unconvertible(value, exc))
+
+
+def _size(value) -> int:
+    size = getattr(value, "size", None)
+    if callable(size):  # torch: .size() is the shape; numel() is the count
+        numel = getattr(value, "numel", None)
+        return int(numel()) if callable(numel) else -1
+    return int(size) if size is not None else -1
+
+
+_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _replace_nonfinite(value, path: str, found: dict):
+    if type(value) is float and value - value != 0.0:  # NaN or +-Infinity
+        found[path] = _NONFINITE[repr(value)]
+        return None
+    if isinstance(value, dict):
+        return {
+            k: _replace_nonfinite(v, "%s.%s" % (path, k) if path else k, found)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_replace_nonfinite(v, "%s[%d]" % (path, i), found) for i, v in enumerate(value)]
+    return value
+
+
+def _encode_data(data: dict) -> str:
+    """Encode an event's data as strict JSON; never raises.
+
+    A non-finite float travels as ``null`` in its place, and the event's data gains
+    ``"nonfinite": {"<key path>": "NaN" | "Infinity" | "-Infinity"}`` so that nothing is lost.
+    """
+    try:
+        text = _dumps(data)
+    except ValueError:  # NaN/Infinity (or a huge int that skipped conversion)
+        found = {}
+        data = _replace_nonfinite(data, "", found)
+        if found and isinstance(data, dict):
+            data["nonfinite"] = found
+        try:
+            text = _dumps(data)
+        except Exception:
+            text = _dumps_safe(_jsonable(data))
+    except Exception:  # a value that skipped conversion (RecursionError, TypeError...)
+        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
+    if len(text) > _MAX_EVENT_CHARS:
+        text = _dumps_safe(_replace_nonfinite(_jsonable(data), "", {}))
+    if not text.startswith("{"):  # data itself could not be encoded: keep a marker of it
+        text = _dumps({"unencodable": _jsonable(_loads(text))})
+    return text
+
+
+def _meta_text(meta) -> str:
+    """An artifact's ``meta`` as strict JSON: a non-finite float becomes null, as in events."""
+    meta = _jsonable(meta)
+    if isinstance(meta, dict):
+        return _encode_data(meta)
+    return _dumps(_replace_nonfinite(meta, "", {}))
+
+
+_ids = []  # event ids made ahead, in bulk; emptied in a forked child
+_ID_BULK = 512
+_ID_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
+_ID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID, as text. Made _ID_BULK at a time from os.urandom: the
+    bit fixing and hex formatting run once per bulk in C, which costs a quarter of
+    ``str(uuid.uuid4())``. A user's random.seed() cannot repeat them, and a forked child
+    drops the parent's unused ones (see _after_fork_in_child)."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        pass
+    raw = bytearray(os.urandom(16 * _ID_BULK))
+    raw[6::16] = raw[6::16].translate(_ID_V4)
+    raw[8::16] = raw[8::16].translate(_ID_VARIANT)
+    hx = raw.hex()
+    made = [
+        "%s-%s-%s-%s-%s" % (hx[o : o + 8], hx[o + 8 : o + 12], hx[o + 12 : o + 16], hx[o + 16 : o + 20], hx[o + 20 : o + 32])
+        for o in range(0, 32 * _ID_BULK, 32)
+    ]
+    event_id = made.pop()
+    _ids.extend(made)  # list.extend and list.pop are atomic: threads may share the bulk
+    return event_id
+
+
+_ts_cache = (-1, "", -1, "")  # (second, its prefix, millisecond, its stamp): replaced whole
+
+
+def _format_ts(ts: float) -> str:
+    """ISO 8601 UTC, fixed width with milliseconds: the server sorts timestamps as strings."""
+    global _ts_cache
+    ms = int(ts * 1000)
+    cached_secs, prefix, cached_ms, stamp = _ts_cache
+    if ms == cached_ms:  # a burst: many events inside one millisecond
+        return stamp
+    secs = ms // 1000
+    if secs != cached_secs:
+        t = time.gmtime(secs)
+        prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % (t[0], t[1], t[2], t[3], t[4], t[5])
+    stamp = "%s.%03dZ" % (prefix, ms - secs * 1000)
+    _ts_cache = (secs, prefix, ms, stamp)
+    return stamp
+
+
+def _reason(exc_type, exc) -> str:
+    if exc_type is None:
+        return "unknown"
+    text = str(exc) if exc is not None else ""
+    name = getattr(exc_type, "__name__", str(exc_type))
+    return _truncate("%s: %s" % (name, text) if text else name, 2000)
+
+
+def _process_command() -> str:
+    """The real command line of this process (from /proc when available)."""
+    args = None
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            raw = f.read().split(b"\0")
+        args = [a.decode("utf-8", "replace") for a in raw if a] or None
+    except OSError:
+        pass
+    if args is None:
+        args = [os.path.basename(sys.executable or "python")] + list(sys.argv)
+    import shlex
+
+    return _truncate(" ".join(shlex.quote(a) for a in _scrub_args(args)), 4000)
+
+
+def _scrub_args(args: list) -> list:
+    """Hide secrets on a command line: values of secret-named options (``--token X``,
+    ``--db-password=X``, ``--wandb-key X``, ``--auth X``, ``-p X``), passwords in URLs
+    (``postgresql://alice:***@db``), ``em_live_`` tokens and the configured token itself."""
+    out, hide_next = [], False
+    for arg in args:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _value = arg.partition("=")
+        if arg.startswith("-") and _is_secret_option(name):
+            if eq:
+                arg = name + "=***"
+            else:
+                hide_next = True
+        elif eq and _is_secret_option(name):
+            arg = name + "=***"
+        out.append(_scrub_arg(arg))
+    return out
+
+
+def _is_secret_option(name: str) -> bool:
     import re
 
-    if token and len(token) >= 4:
-        text = text.replace(token, "***")
-
-    value = r"(\"[^\"\n]*\"|'[^'\n]*'|[^\s'\",;()\[\]{}]+)"
-    for pattern in (
-        r"(?<![\w-])(--?[A-Za-z][\w.-]*)(\s+)" + value,  # --token X
-        r"\b([A-Za-z_][\w.-]*)(['\"]?\s*(?:=(?!=)|:)\s*)" + value,  # password=X, "secret": "X"
-    ):
-        # name, separator, value; after a name that is no secret, the search goes on from
-        # its value, which may be a pair itself ("error: password=X")
-        pattern, out, pos = re.compile(pattern), [], 0
-        m = pattern.search(text)
-        while m:
-            if _is_secret_name(m.group(1)):
-                quote = m.group(3)[0] if m.group(3)[0] in "'\"" else ""
-                out.append(text[pos : m.start(3)] + quote + "***" + quote)
-                pos = m.end()
-            else:
-                out.append(text[pos : m.end(2)])
-                pos = m.end(2)
-            m = pattern.search(text, pos)
-        text = "".join(out) + text[pos:]
-    text = re.sub(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
-    text = re.sub(r"(?i)\b(bearer)(\s+)[\w.~+/-]+=*", r"\1\2***", text)
-    text = re.sub(r"\b(Basic)(\s+)[A-Za-z0-9+/]{12,}={0,2}(?!\w)", r"\1\2***", text)
-    return re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
+    if name in _SECRET_SHORT_OPTIONS:
+        return True
+    words = [w for w in re.split(r"[-_.]", name.lstrip("-").lower()) if w]
+    if not words:
+        return False
+    return bool(set(words) & _SECRET_WORDS) or words[-1] in _SECRET_LAST_WORDS or "apikey" in words
 
 
-def _end_job_log(job: JobContext, exc) -> None:
-    """Before ``job_done``/``job_failed``: the job's last console lines, then its traceback."""
-    sender = job._sender
-    if sender is None or sender is _ENDED:
-        return
-    if _capture_users and job._parent._capture:
-        _capture_flush(job)
-    if exc is not None:
-        _send_traceback(sender, job._job_id, exc)
+def _scrub_arg(text: str) -> str:
+    """Hide secrets inside one argument: URL passwords, em_live_ tokens, the configured tokens."""
+    import re
+
+    text = re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+    text = re.sub(r"em_live_[A-Za-z0-9_-]+", "em_live_***", text)
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
-def _send_line(sender: ExperimentReporter, job_id: str, line: str, level: str) -> None:
-    """``log_line`` for a checked job id and a lower-case level: the short way, per record."""
-    text = _truncate(line)
-    sender._submit("log_line", job_id, {"line": text, "level": level}, size=len(text) + 64)
+_SECRET_WORDS = frozenset(("token", "password", "passwd", "secret", "credentials", "auth", "apikey"))
+_SECRET_LAST_WORDS = frozenset(("key", "token", "secret", "pass", "pw", "pwd"))
+_SECRET_SHORT_OPTIONS = frozenset(("-p",))
+_known_secrets = set()  # tokens this process was configured with: never recorded anywhere
+_is_secret_name = _is_secret_option  # the same rule for free text (tracebacks)
 
 
-def _open_job():
-    """The innermost open job of the innermost active Reporter, if that Reporter sends."""
+_SOURCE_CACHE = {}
+
+
+def _host() -> str:
     try:
-        jobs = _active[-1]._jobs if _active else None
-        job = jobs[-1] if jobs else None
-    except IndexError:  # a Reporter or a job ended on another thread just now
+        return os.uname().nodename
+    except AttributeError:  # Windows
+        import socket
+
+        return socket.gethostname()
+
+
+def _user() -> str | None:
+    for name in ("USER", "LOGNAME", "USERNAME"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except Exception:
         return None
-    return job if job is not None and job._sender is not None else None
 
 
-_LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
+def _git_commit(short: bool = True, timeout: float = 2.0) -> str | None:
+    import subprocess
 
-
-def _level_name(levelno: int) -> str:
-    """A logging level as the server stores it; custom levels go to the standard one below."""
-    if levelno >= 40:
-        return "critical" if levelno >= 50 else "error"
-    if levelno >= 30:
-        return "warning"
-    return "info" if levelno >= 20 else "debug"
-
-
-def _on_argus_thread(name: str | None = None) -> bool:
-    # Records and output of the SDK's own threads (urllib3's debug lines about the worker's
-    # requests) would feed themselves: each would make another request.
-    return (name or threading.current_thread().name).startswith("argus-")
-
-
-def __getattr__(name: str):
-    # PEP 562: LogHandler subclasses logging.Handler, and `import argus` must not import
-    # logging; the class is made on first access and then is a plain module attribute.
-    if name == "LogHandler":
-        with _state_lock:
-            cls = globals().get("LogHandler")
-            if cls is None:
-                cls = _build_log_handler()
-                cls.__module__, cls.__qualname__ = __name__, "LogHandler"  # pickle finds it here
-                globals()["LogHandler"] = cls
-        return cls
-    raise AttributeError("module %r has no attribute %r" % (__name__, name))
-
-
-def __dir__():
-    return sorted(set(globals()) | {"LogHandler"})
-
-
-def _build_log_handler():
-    import logging
-
-    own, own_prefix = __name__, __name__ + "."
-
-    class LogHandler(logging.Handler):
-        """Send ``logging`` records to the open job's log in Argus.
-
-        ``logging.getLogger().addHandler(argus.LogHandler())`` is all it takes. A record
-        emitted while a job is open goes to the innermost open job of the innermost active
-        Reporter, at its level in lower case (debug/info/warning/error/critical). A record
-        outside any job goes to ``job_id`` when one is given (in the active batch, or under
-        ``get_batch_id()``), else it is skipped. Records of the SDK's own logger are never
-        forwarded. ``self.format(record)`` makes the line: set a Formatter to change it.
-        """
-
-        def __init__(self, job_id: str | None = None, level: int = logging.NOTSET) -> None:
-            super().__init__(level)
-            if job_id is not None:
-                _check_job_id(job_id)
-            self.job_id = job_id
-
-        def emit(self, record) -> None:
-            name = record.name
-            if name == own or name.startswith(own_prefix) or _on_argus_thread(record.threadName):
-                return
-            try:
-                job = _open_job()
-                if job is not None:
-                    sender, job_id, batch_id = job._sender, job._job_id, None
-                elif self.job_id is None:
-                    _log_once(
-                        "loghandler-outside",
-                        "debug",
-                        "argus: LogHandler skips records emitted outside a job "
-                        "(LogHandler(job_id=...) sends them to that job)",
-                    )
-                    return
-                elif _active:
-                    sender, job_id, batch_id = _active[-1]._sender, self.job_id, None
-                else:
-                    batch_id = get_batch_id()
-                    sender, job_id = (_sender_for_emit() if batch_id else None), self.job_id
-                if sender is None:
-                    return  # a disabled Reporter, or no batch to send to
-                line = self.format(record)
-                if record.exc_info or record.exc_text:
-                    line = _scrub_text(line, sender._token)
-                level = _LEVEL_NAMES.get(record.levelno) or _level_name(record.levelno)
-                if batch_id is None:
-                    _send_line(sender, job_id, line, level)
-                else:
-                    sender.emit("log_line", batch_id=batch_id, job_id=job_id, line=_truncate(line), level=level)
-            except Exception:
-                self.handleError(record)
-
-    return LogHandler
-
-
-# Console capture. While a capturing Reporter is active, sys.stdout and sys.stderr are
-# _Tee objects: every write goes first, unchanged, to the stream they replaced, and complete
-# lines are then copied to the open job's log. Only Python-level writes are seen: output
-# written to the file descriptors (child processes, C extensions, os.write) is not.
-
-_capture_users = []  # capturing Reporters, innermost last
-_capture_tees = []  # (name in sys, _Tee) in the order they were installed
-_capture_lock = threading.RLock()  # reentrant: a SIGTERM handler may flush mid-write
-
-
-class _CaptureGuard(threading.local):
-    busy = False  # this thread is inside the capture: what it writes is not captured again
-
-
-_capture_guard = _CaptureGuard()
-
-
-class _Tee:
-    """A text stream that writes through to ``stream`` and copies its lines to the job log.
-
-    Every attribute it does not define (flush, fileno, isatty, encoding, buffer...) is the
-    wrapped stream's, so it works over a terminal, a pipe, Jupyter's stream or pytest's.
-    """
-
-    __slots__ = ("_stream", "_level", "_on", "_parts", "_bar_since", "_bar_sent")
-
-    def __init__(self, stream, level: str) -> None:
-        object.__setattr__(self, "_stream", stream)
-        object.__setattr__(self, "_level", level)
-        object.__setattr__(self, "_on", True)
-        object.__setattr__(self, "_parts", [])  # the line being written, not yet ended
-        object.__setattr__(self, "_bar_since", None)  # when a \r line began or last went out
-        object.__setattr__(self, "_bar_sent", None)  # the state that went out then
-
-    def __getattr__(self, name: str):
-        return getattr(object.__getattribute__(self, "_stream"), name)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _Tee.__slots__:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._stream, name, value)
-
-    def __repr__(self) -> str:
-        return "<argus console capture of %r>" % (self._stream,)
-
-    def write(self, text):
-        count = self._stream.write(text)
-        if self._on and _active and type(text) is str:
-            if "\n" in text or "\r" in text:
-                self._feed(text)
-            else:  # the middle of a line (print writes each argument): kept for its end
-                parts = self._parts
-                parts.append(text)  # atomic: no lock on this path
-                if len(parts) > 256:
-                    self._feed("")
-        return count
-
-    def writelines(self, lines) -> None:
-        lines = list(lines)
-        self._stream.writelines(lines)
-        if self._on and _active:
-            for text in lines:
-                if type(text) is str:
-                    self._feed(text)
-
-    def _feed(self, text: str) -> None:
-        if _capture_guard.busy:
-            return
-        job = _open_job()
-        if job is None or not job._parent._capture:
-            self._parts = []  # output between jobs is not kept
-            return
-        if _on_argus_thread():
-            return
-        _capture_guard.busy = True
-        try:
-            with _capture_lock:
-                parts, self._parts = self._parts, []
-                parts.append(text)
-                buf = "".join(parts)
-                if "\n" in text:
-                    lines = buf.split("\n")
-                    buf = lines.pop()
-                    for line in lines:
-                        line = _final_state(line)
-                        if line != self._bar_sent:  # a bar whose last state went out already
-                            _capture_line(job, line, self._level)
-                        self._bar_since = self._bar_sent = None
-                if "\r" in buf:
-                    buf = _final_state(buf, keep_cr=True)
-                    now = _mono()
-                    if self._bar_since is None:
-                        self._bar_since = now
-                    elif now - self._bar_since >= 1.0:  # a progress bar: its state once a second
-                        self._bar_since, self._bar_sent = now, buf.rstrip("\r")
-                        _capture_line(job, self._bar_sent, self._level)
-                if len(buf) > MAX_STRING_CHARS:  # a line without an end: send what there is
-                    _capture_line(job, buf, self._level)
-                elif buf:
-                    self._parts.insert(0, buf)  # before what other threads added meanwhile
-        except Exception:
-            pass  # the program's output went through already; only the copy is lost
-        finally:
-            _capture_guard.busy = False
-
-
-def _final_state(line: str, keep_cr: bool = False) -> str:
-    """What a terminal shows of a line written with carriage returns: its last non-empty part.
-
-    ``keep_cr`` keeps the carriage returns after that part (more text may overwrite it).
-    """
-    i = line.rstrip("\r").rfind("\r")
-    tail = line[i + 1 :] if i >= 0 else line
-    return tail if keep_cr else tail.rstrip("\r")
-
-
-def _capture_line(job: JobContext, line: str, level: str) -> None:
-    """Send one console line, at most CAPTURE_MAX_LINES_S a second per job; count the rest."""
-    if not line.strip():
-        return
-    now = _mono()
-    rate = job.__dict__.get("_console_rate")  # [window start, sent, not sent]
-    if rate is None or now - rate[0] >= 1.0:
-        if rate is not None and rate[2]:
-            _capture_note(job, rate[2])
-        rate = job._console_rate = [now, 0, 0]
-    if rate[1] >= CAPTURE_MAX_LINES_S:
-        rate[2] += 1
-        return
-    rate[1] += 1
-    _send_line(job._sender, job._job_id, line, level)
-
-
-def _capture_note(job: JobContext, count: int) -> None:
-    job._sender.log_line(
-        job._job_id,
-        "[argus: %d console line(s) not sent: more than %d lines/s]" % (count, CAPTURE_MAX_LINES_S),
-        level="warning",
-    )
-
-
-def _capture_flush(job: JobContext) -> None:
-    """At the end of ``job``: its unfinished console lines and the count of lines not sent."""
-    busy, _capture_guard.busy = _capture_guard.busy, True
+    cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
     try:
-        with _capture_lock:
-            for _name, tee in _capture_tees:
-                if tee._parts and tee._on:
-                    line, sent = _final_state("".join(tee._parts)), tee._bar_sent
-                    tee._parts, tee._bar_since, tee._bar_sent = [], None, None
-                    if line != sent:
-                        _capture_line(job, line, tee._level)
-            rate = job.__dict__.pop("_console_rate", None)
-            if rate is not None and rate[2]:
-                _capture_note(job, rate[2])
-    except Exception as exc:
-        _log("warning", "argus: could not send the last console lines of job %s: %r", job._job_id, exc)
-    finally:
-        _capture_guard.busy = busy
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
 
 
-def _capture_start(reporter: Reporter) -> None:
-    """Wrap sys.stdout and sys.stderr for a Reporter made with capture_output=True."""
-    if not reporter._capture or reporter._sender is None:
-        return
-    with _capture_lock:
-        if not _capture_users:  # at exit: after the integrations close their jobs
-            atexit.unregister(_capture_stop_all)
-            atexit.register(_capture_stop_all)
-        _capture_users.append(reporter)
-        for name, level in (("stdout", "info"), ("stderr", "warning")):
-            stream = getattr(sys, name, None)
-            if stream is None or (isinstance(stream, _Tee) and stream._on):
-                continue  # no console (pythonw), or captured already
-            tee = _Tee(stream, level)
-            _capture_tees.append((name, tee))
-            setattr(sys, name, tee)
-
-
-def _capture_stop(reporter: Reporter) -> None:
-    """Restore the streams when the last capturing Reporter ends (never someone else's)."""
-    with _capture_lock:
-        if reporter not in _capture_users:
-            return
-        _capture_users.remove(reporter)
-        if not _capture_users:
-            _capture_stop_all()
-
-
-def _capture_stop_all() -> None:
-    with _capture_lock:
-        del _capture_users[:]
-        while _capture_tees:
-            name, tee = _capture_tees.pop()
-            tee._on = False  # if it is still in use somewhere, it only writes through
-            if getattr(sys, name, None) is tee:
-                setattr(sys, name, tee._stream)
-
-
-def _capture_after_fork() -> None:
-    global _capture_lock
-    _capture_lock = threading.RLock()  # a parent's thread may have held it at the fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_capture_after_fork)
+def _detected_source() -> dict:
+    """host/user/commit of this process, looked up once (the git call runs on the worker)."""
+    if not _SOURCE_CACHE:
+        _SOURCE_CACHE.update(host=_host(), user=_user(), commit=_git_commit())
+    return _SOURCE_CACHE
 
 
 # ---------------------------------------------------------------------------------------
@@ -5094,6 +4848,267 @@ def _hand_off(directory: str):
 
 
 atexit.register(_at_exit)
+
+
+# ---------------------------------------------------------------------------------------
+# Resource sampling
+# ---------------------------------------------------------------------------------------
+
+
+def _num(text):
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None  # "[N/A]", "[Not Supported]"
+    return int(value) if value.is_integer() else value
+
+
+class _ResourceSampler:
+    """System, process and GPU figures for ``resource_snapshot`` events.
+
+    On Linux it reads ``proc_root`` (``/proc``; tests give a folder of fixed files) and needs
+    no package; elsewhere it uses psutil when importable. GPUs come from pynvml when
+    importable, else from ``nvidia-smi`` (looked up once, each call bounded by ``smi_timeout``).
+    """
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        disk_path: str | None = None,
+        nvidia_smi: str | None = "auto",
+        clock=time.monotonic,
+        smi_timeout: float = 2.0,
+        use_pynvml: bool = True,
+    ):
+        import shutil
+
+        self.proc_root = proc_root
+        self.disk_path = disk_path or os.getcwd()
+        self._clock = clock
+        self._smi_timeout = smi_timeout
+        self._has_proc = os.path.exists(os.path.join(proc_root, "stat"))
+        self._psutil = None
+        if not self._has_proc:
+            try:
+                import psutil
+
+                self._psutil = psutil
+                psutil.cpu_percent(None)
+                self._ps_proc = psutil.Process()
+                self._ps_proc.cpu_percent(None)
+            except Exception:
+                self._psutil = None
+        self._nvml = None
+        if use_pynvml and nvidia_smi == "auto":
+            self._nvml = _init_nvml()
+        self._smi = shutil.which("nvidia-smi") if nvidia_smi == "auto" else nvidia_smi
+        self._gpu_failures = 0
+        try:
+            self._hz = os.sysconf("SC_CLK_TCK")
+        except (AttributeError, ValueError, OSError):
+            self._hz = 100
+        self._prev_cpu = self._read_cpu()
+        self._prev_proc = (self._read_proc_ticks(), clock())
+
+    def _read(self, *parts) -> str | None:
+        try:
+            with open(os.path.join(self.proc_root, *parts)) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _read_cpu(self):
+        text = self._read("stat")
+        if not text:
+            return None
+        fields = [int(x) for x in text.split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    def _read_proc_ticks(self):
+        text = self._read("self", "stat")
+        if not text:
+            return None
+        fields = text.rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    def sample(self) -> dict:
+        out = {}
+        if self._has_proc:
+            self._sample_proc(out)
+        elif self._psutil is not None:
+            self._sample_psutil(out)
+        try:
+            import shutil
+
+            usage = shutil.disk_usage(self.disk_path)
+            out["disk_free_mb"] = round(usage.free / 1048576.0, 1)
+            out["disk_total_mb"] = round(usage.total / 1048576.0, 1)
+        except OSError:
+            pass
+        self._sample_gpus(out)
+        return out
+
+    def _sample_proc(self, out: dict) -> None:
+        cpu = self._read_cpu()
+        if cpu and self._prev_cpu:
+            total, idle = cpu[0] - self._prev_cpu[0], cpu[1] - self._prev_cpu[1]
+            if total > 0:
+                out["cpu_util_pct"] = round(100.0 * (total - idle) / total, 1)
+        self._prev_cpu = cpu
+        meminfo = {}
+        for line in (self._read("meminfo") or "").splitlines():
+            key, _, rest = line.partition(":")
+            if rest.strip():
+                meminfo[key] = int(rest.split()[0])  # kB
+        if "MemTotal" in meminfo:
+            out["ram_total_mb"] = round(meminfo["MemTotal"] / 1024.0, 1)
+            if "MemAvailable" in meminfo:
+                out["ram_mb"] = round((meminfo["MemTotal"] - meminfo["MemAvailable"]) / 1024.0, 1)
+        ticks, now = self._read_proc_ticks(), self._clock()
+        prev_ticks, prev_now = self._prev_proc
+        if ticks is not None and prev_ticks is not None and now > prev_now:
+            out["proc_cpu_pct"] = round(100.0 * (ticks - prev_ticks) / self._hz / (now - prev_now), 1)
+        self._prev_proc = (ticks, now)
+        for line in (self._read("self", "status") or "").splitlines():
+            if line.startswith("VmRSS:"):
+                out["proc_ram_mb"] = round(int(line.split()[1]) / 1024.0, 1)
+
+    def _sample_psutil(self, out: dict) -> None:
+        ps = self._psutil
+        try:
+            out["cpu_util_pct"] = round(ps.cpu_percent(None), 1)
+            mem = ps.virtual_memory()
+            out["ram_total_mb"] = round(mem.total / 1048576.0, 1)
+            out["ram_mb"] = round((mem.total - mem.available) / 1048576.0, 1)
+            out["proc_cpu_pct"] = round(self._ps_proc.cpu_percent(None), 1)
+            out["proc_ram_mb"] = round(self._ps_proc.memory_info().rss / 1048576.0, 1)
+        except Exception as exc:
+            _log_once("psutil", "warning", "argus: psutil sampling failed: %r", exc)
+
+    def _sample_gpus(self, out: dict) -> None:
+        if self._nvml is None and not self._smi:
+            return
+        try:
+            gpus = self._nvml_gpus() if self._nvml is not None else self._smi_gpus()
+        except Exception as exc:
+            self._gpu_failures += 1
+            if self._gpu_failures >= 3:
+                _log("warning", "argus: GPU sampling failed 3 times (%r); it is turned off", exc)
+                self._nvml = self._smi = None
+            return
+        self._gpu_failures = 0
+        if not gpus:
+            return
+        out["gpus"] = gpus
+        first = _first_visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if first is not None:
+            for flat, key in (
+                ("gpu_util_pct", "util_pct"),
+                ("gpu_mem_mb", "mem_mb"),
+                ("gpu_mem_total_mb", "mem_total_mb"),
+                ("gpu_temp_c", "temp_c"),
+                ("proc_gpu_mem_mb", "proc_mem_mb"),
+            ):
+                if first.get(key) is not None:
+                    out[flat] = first[key]
+
+    def _run_smi(self, query: str) -> list:
+        import subprocess
+
+        result = subprocess.run(
+            [self._smi, query, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=self._smi_timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            raise OSError("nvidia-smi exited with %d" % result.returncode)
+        return [[p.strip() for p in line.split(",")] for line in result.stdout.splitlines() if line.strip()]
+
+    def _smi_gpus(self) -> list:
+        gpus = []
+        for row in self._run_smi(
+            "--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu"
+        ):
+            if len(row) < 7:
+                continue
+            gpus.append(
+                {
+                    "index": _num(row[0]),
+                    "uuid": row[1],
+                    "name": row[2],
+                    "util_pct": _num(row[3]),
+                    "mem_mb": _num(row[4]),
+                    "mem_total_mb": _num(row[5]),
+                    "temp_c": _num(row[6]),
+                    "proc_mem_mb": 0,
+                }
+            )
+        pid = str(os.getpid())
+        by_uuid = {g["uuid"]: g for g in gpus}
+        for row in self._run_smi("--query-compute-apps=pid,gpu_uuid,used_memory"):
+            if len(row) >= 3 and row[0] == pid and row[1] in by_uuid:
+                by_uuid[row[1]]["proc_mem_mb"] += _num(row[2]) or 0
+        return gpus
+
+    def _nvml_gpus(self) -> list:
+        nv = self._nvml
+        pid = os.getpid()
+        gpus = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            uuid = nv.nvmlDeviceGetUUID(h)
+            name = nv.nvmlDeviceGetName(h)
+            mine = 0
+            try:
+                for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
+                    if proc.pid == pid and proc.usedGpuMemory:
+                        mine += proc.usedGpuMemory // 1048576
+            except Exception:
+                pass
+            gpus.append(
+                {
+                    "index": i,
+                    "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "util_pct": nv.nvmlDeviceGetUtilizationRates(h).gpu,
+                    "mem_mb": mem.used // 1048576,
+                    "mem_total_mb": mem.total // 1048576,
+                    "temp_c": nv.nvmlDeviceGetTemperature(h, 0),  # 0: NVML_TEMPERATURE_GPU
+                    "proc_mem_mb": mine,
+                }
+            )
+        return gpus
+
+
+def _init_nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def _first_visible(gpus: list, visible: str | None):
+    """The device that CUDA calls 0: the first entry of CUDA_VISIBLE_DEVICES, by index or UUID."""
+    if visible is None:
+        return gpus[0]
+    for token in visible.split(","):
+        token = token.strip()
+        if not token or token.startswith("-"):
+            return None  # "" or "-1": no device is visible
+        for gpu in gpus:
+            if token.isdigit() and gpu["index"] == int(token):
+                return gpu
+            if not token.isdigit() and str(gpu["uuid"]).startswith(token):
+                return gpu
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------
