@@ -1638,9 +1638,9 @@ class ExperimentReporter:
         return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
 
     def _submit_durable(self, etype: str, job_id, data: dict, batch_id=None) -> None:
-        """Durable mode: the event reaches the kernel (one write to the open spill file)
-        before the call returns; memory only sends it. Encoded here, once: the id in the
-        file is the one the server gets."""
+        """Durable mode: the event reaches the kernel (one write to the open spill file, a
+        compact line) before the call returns; memory only sends it. Its id is drawn here:
+        the id in the file is the one the worker sends, so a replay is deduplicated."""
         try:
             event_id = _ids.pop()
         except IndexError:
