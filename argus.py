@@ -1919,10 +1919,11 @@ class ExperimentReporter:
     def _encode(self, record, event_id=None) -> tuple:
         """``(event_id, line)``: the event's envelope as strict JSON, its id made here, once
         (durable mode made it on the caller's thread: ``event_id``)."""
-        etype, batch_id, job_id, ts, data = record[:5]
-        envelope = self._envelopes.get((etype, batch_id, job_id))
+        key = record[:3]  # (event type, batch id, job id)
+        envelope = self._envelopes.get(key)
         if envelope is None:
-            envelope = self._envelope(etype, batch_id, job_id)
+            envelope = self._envelope(*key)
+        data = record[4]
         if event_id is None:
             try:
                 event_id = _ids.pop()
@@ -1940,7 +1941,7 @@ class ExperimentReporter:
         line = '{"event_id":"%s%s%s%s%s}' % (
             event_id,
             envelope[0],
-            _format_ts(ts),
+            _format_ts(record[3]),
             envelope[1],
             text or _encode_data(data),
         )
@@ -2304,32 +2305,37 @@ class _Worker:
     def _take(self) -> tuple:
         events, control, nbytes, on_disk = [], None, 0, True
         limit = self.sender._batch_limit
+        facade = self.facade
+        encode = facade._encode
         with self._lock:
             if self._abandoned:
                 return [], None
-            queue = self.facade._queue
+            queue = facade._queue
             since = None
-            while queue and len(events) < limit and nbytes < MAX_BATCH_BYTES:
+            count = 0
+            while queue and count < limit and nbytes < MAX_BATCH_BYTES:
                 item = queue.popleft()
                 if type(item) is not tuple:
                     control = item
                     break
-                if len(item) == 3:
-                    pair = (item[0], item[1])
-                    on_disk = on_disk and item[2]
-                elif len(item) == 6:
+                size = len(item)
+                if size == 6:  # an event as the caller queued it
                     if item[5]:
-                        self.facade._bytes_out += item[5]
+                        facade._bytes_out += item[5]
                     if since is None:
                         since = item[3]
-                    pair = self.facade._encode(item)
+                    pair = encode(item)
                     on_disk = False
+                elif size == 3:  # (event_id, line, on disk): encoded earlier
+                    pair = (item[0], item[1])
+                    on_disk = on_disk and item[2]
                 else:  # durable: (record..., event_id, on_disk)
                     if since is None and not item[7]:
                         since = item[3]
-                    pair = self.facade._encode(item, item[6])
+                    pair = encode(item, item[6])
                     on_disk = on_disk and item[7]
                 events.append(pair)
+                count += 1
                 nbytes += len(pair[1])
             self._inflight_since = since if since is not None else _now() - JOURNAL_AFTER_S / 2
             self._inflight = events
