@@ -2045,6 +2045,10 @@ class _Worker:
                 self._closer = me
                 self._deadline = _mono() + max(0.0, float(timeout))
                 self.facade._slow = True
+                if self.sender._next_send > self._deadline - 0.5:
+                    # The gap after 429s ends past the deadline: one try at a random moment of
+                    # what is left instead (every process that shares the token exits now).
+                    self.sender._next_send = _mono() + _random() * max(0.0, float(timeout) - 0.5)
                 if not self.sender._up() and not self.facade._offline:
                     # Backing off from a server that did not answer: ask it once more before
                     # the exit gives up on it (one request, no retries).
@@ -2401,6 +2405,8 @@ class _Worker:
             return True
         if self.sender._pacing():
             return True
+        if self._state is not _OPEN and self.sender._next_send > (self._deadline or 0.0):
+            return False  # closing, and the next try would pass the deadline: the rest stays on disk
         if self.replayer._replay_own():
             return True
         with self._lock:
@@ -2531,6 +2537,7 @@ class _Sender:
         self._pause = threading.Event()  # never set: an uninterruptible wait while closing
         self._transport = None
         self._deferred = False  # the last live send was put off by a 429
+        self._defer_own = False  # replaying this run's backlog: a 429 gives the chunk back
         self._drain_probe = False  # closing while backing off: one request, no retries
         self._request_deadline = None
         self._down_until = 0.0
@@ -2633,7 +2640,7 @@ class _Sender:
                 self._request_deadline = None
             elapsed = _mono() - started
             self._linger_until = _mono() + LINGER_S
-            if self._pace_gap and status != 429:
+            if self._pace_gap and status != 429 and self.worker._state is _OPEN:
                 # A token shared by others (429s seen): every request keeps the gap, so that
                 # this process sends few full requests rather than many small ones.
                 self._next_send = max(self._next_send, _mono() + self._pace_gap * (0.75 + _random() * 0.5))
@@ -2680,6 +2687,8 @@ class _Sender:
                 if self.worker._state is _OPEN and self.worker._inflight is not None:
                     self._deferred = True
                     return pairs  # live: what queued meanwhile leaves with these, next request
+                if self.worker._state is _OPEN and self._defer_own:
+                    return pairs  # this run's backlog: the next request takes what queued too
                 continue
             elif status == 415:
                 self.facade.spill.dead_letter([(p[1], status, _error_text(data)) for p in pairs])
@@ -2722,6 +2731,8 @@ class _Sender:
         if self._pace_gap and self._pace_streak >= 4:  # a shared token: come back down slowly
             self._pace_gap = self._pace_gap * 0.8 if self._pace_gap > 0.05 else 0.0
             self._pace_streak = 0
+        if self._pace_gap and n_events >= self._batch_limit:
+            self._pace_gap *= 0.8  # a full request: the gap holds back more than one carries
         if n_events < 5:
             return
         per_event = max(elapsed, 1e-4) / n_events
@@ -2744,11 +2755,19 @@ class _Sender:
         self._pace_streak = 0
         # Retry-After says when the bucket has one request again, for every process that
         # shares it: waiting exactly that long makes them all collide again. Wait a multiple,
-        # doubled on each 429, spread out at random.
-        self._pace_gap = min(PACE_MAX_S, max(3.0 * retry_after, self._pace_gap * 2.0, 0.1))
+        # a quarter longer on each 429 (doubling strands a process behind a gap longer than
+        # its run), spread out at random. A long gap costs little: each request carries what
+        # queued meanwhile, and the exit sends the rest in one.
+        first = not self._pace_gap
+        self._pace_gap = min(PACE_MAX_S, max(12.0 * retry_after, self._pace_gap * 1.25, 0.1))
         if self.worker._state is not _OPEN:  # closing: spread over what is left of the deadline
             room = max(0.0, (self.worker._deadline or 0.0) - _mono() - retry_after - 0.3)
             self._next_send = _mono() + retry_after + _random() * room
+        elif first:
+            # The first 429 says that the token is shared. Processes that have seen none yet
+            # send at their linger and take all the bucket refills; a try within the next few
+            # Retry-Afters takes one before them, and then they see their 429 too.
+            self._next_send = _mono() + retry_after * (1.0 + 4.0 * _random())
         else:
             self._next_send = _mono() + self._pace_gap * (0.75 + _random() * 0.75)
 
@@ -2987,7 +3006,11 @@ class _Replayer:
         """Send chunks of this run's spilled events, oldest first; False when there are none."""
         sent_any = False
         while not self.worker._abandoned:
-            outcome = self._replay_once(own_only=True)
+            self.sender._defer_own = not until_empty  # a 429: give the chunk back (not before a flush)
+            try:
+                outcome = self._replay_once(own_only=True)
+            finally:
+                self.sender._defer_own = False
             if outcome == "empty":
                 return sent_any
             if outcome == "file done":
@@ -3025,11 +3048,27 @@ class _Replayer:
             claim.done()
             self._claim = None
             return "file done"
+        # This run's backlog: the next files join the same request while it has room (after
+        # a 429 the file is given back and what was written since is in another one).
+        claims = [(claim, pairs)]
+        spill, limit = self.facade.spill, self.sender._batch_limit
+        while claim_args.get("own_only") and not claims[-1][0].left() and len(pairs) < limit:
+            more = spill.claim_next(skip={c.path for c, _ in claims}, own_only=True)
+            if more is None:
+                break
+            chunk = more.next_chunk(limit - len(pairs), self.worker._acked)
+            claims.append((more, chunk))
+            pairs = pairs + chunk
+        self._claim = claims[-1][0]
         unsent = self.sender._send(pairs, attempts)
         if unsent:
-            claim.release([line for _, line in unsent])
+            left = {event_id for event_id, _ in unsent}
+            for held, chunk in claims:
+                held.release([line for event_id, line in chunk if event_id in left])
             self._claim = None
             return "unsent"
+        for held, _ in claims[:-1]:
+            held.done()
         return "sent"
 
     def _for_us(self, claim) -> bool:
