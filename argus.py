@@ -1647,8 +1647,10 @@ class ExperimentReporter:
             event_id = _uuid4()
         record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
         spill = self.spill
-        if spill.source is None:
-            spill.source = self._source()
+        source = self._source_json or self._source()
+        if spill.source is not source:  # first event, or batch_start(command=...) changed it
+            with self.worker._lock:
+                spill.set_source(source)
         line = None if self._offline else _compact(record, event_id)
         with self.worker._lock:
             if line is None:  # offline (the file is the delivery) or data marshal refuses
@@ -2200,7 +2202,8 @@ class _Worker:
         for item in encoded:
             if type(item) is tuple:
                 if item[2]:
-                    continue  # on disk already (durable): the replay sends it
+                    self._disk_mode = True  # not sent, and only on disk now: the replay sends it
+                    continue  # on disk already (durable)
                 if skip:
                     skip -= 1
                     continue
@@ -2227,6 +2230,8 @@ class _Worker:
                     journaled, self._inflight_journaled = self._inflight_journaled, False
                     if pairs and not journaled and not self._abandoned:
                         self.facade._queue.extendleft(reversed([(i, ln, False) for i, ln in pairs]))
+                    elif pairs:
+                        self._disk_mode = True  # they are on disk: the replay sends them
                 if self.replayer._claim is not None:
                     claim, self.replayer._claim = self.replayer._claim, None
                     claim.release()
@@ -2804,7 +2809,7 @@ class _Sender:
             if line is None:
                 continue
             status = result.get("status")
-            if status in _ACKED:
+            if type(status) is str and status in _ACKED:
                 self.delivered += 1
             elif status == "rejected":
                 error = _text(result.get("error") or "rejected")
@@ -3060,7 +3065,13 @@ class _Replayer:
             claims.append((more, chunk))
             pairs = pairs + chunk
         self._claim = claims[-1][0]
-        unsent = self.sender._send(pairs, attempts)
+        try:
+            unsent = self.sender._send(pairs, attempts)
+        except BaseException:  # a fault (or a signal) mid-request: every file keeps its chunk
+            for held, chunk in claims:
+                held.release([line for _, line in chunk])
+            self._claim = None
+            raise
         if unsent:
             left = {event_id for event_id, _ in unsent}
             for held, chunk in claims:
@@ -3314,6 +3325,14 @@ class SpillStore:
             self.dropped,
             ENV_SPILL_MAX_MB,
         )
+
+    def set_source(self, source: str) -> None:
+        """The ``source`` block (JSON) for compact lines: a new one starts a new file."""
+        with self._lock:
+            if source != self.source and self._fd is not None:
+                self.rotate()
+            self.source = source
+            self._has_source = self._fd is not None
 
     def journal(self, line) -> bool:
         """One event straight to the open file (durable mode); True once the kernel has it.

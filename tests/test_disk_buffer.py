@@ -33,6 +33,8 @@ import pytest
 import argus
 from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, free_port, line, on_disk, wait_until
 
+QUIET_KW = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes and signals")
 
 WINDOW_S = 2.5  # "on disk within about 1 s", with room for a loaded 2-core machine
@@ -319,6 +321,95 @@ def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
     assert read == []
     assert json.loads(argus._expand(text, '{"project":"p"}'))["data"] == {"epoch": 1}
     assert len(read) == 1
+
+
+@pytest.mark.parametrize("mode", ["live", "offline"])
+def test_a_durable_close_with_no_time_left_keeps_the_journal(fake, spill_dir, monkeypatch, mode):
+    """drain_timeout 0 is valid: the journaled events that were not sent stay on disk. The
+    journal was deleted as if all of it had been acknowledged (in offline mode, the only copy)."""
+    if mode == "offline":
+        monkeypatch.setenv("ARGUS_OFFLINE", "1")
+    fake.delay = 0.2  # the first request is still in flight when close gives up
+    r = argus.ExperimentReporter(fake.url if mode == "live" else None, "p", durable=True)
+    for i in range(20):
+        r.job_epoch("j", i, train_loss=0.1)
+    r.close(timeout=0)
+    kept = set(epochs(everywhere(fake, spill_dir), "j"))
+    line("durable close(timeout=0), %s" % mode, emitted=20, delivered=len(fake.events),
+         on_disk=len(on_disk(spill_dir)), lost=20 - len(kept))
+    assert kept == set(range(20))
+
+
+def test_a_worker_fault_with_durable_events_in_flight_sends_them_from_disk(fake, spill_dir, monkeypatch, caplog):
+    """A fault while the worker holds journaled events (the request in flight) must not
+    drop them: they are only on disk then, and the run goes on through disk."""
+    real = argus._Sender._send
+    faults = []
+
+    def once(self, pairs, attempts):
+        if not faults:  # before the request leaves: the server has none of them
+            faults.append(len(pairs))
+            raise RuntimeError("injected fault")
+        return real(self, pairs, attempts)
+
+    monkeypatch.setattr(argus._Sender, "_send", once)
+    with argus.Reporter(monitor_url=fake.url, batch_id="fault-1", durable=True, **QUIET_KW) as r:
+        with r.job("j") as job:
+            for i in range(20):
+                job.epoch(i)
+            assert wait_until(lambda: faults, 10)  # the request with job_start met the fault
+            for i in range(20, 50):
+                job.epoch(i)
+                time.sleep(0.002)
+    assert faults and "injected fault" in caplog.text
+    kept = set(epochs(everywhere(fake, spill_dir), "j"))
+    delivered = set(epochs(fake.events.values(), "j"))
+    line("worker fault, durable", emitted=50, in_flight_at_fault=faults[0], delivered=len(delivered),
+         on_disk=len(on_disk(spill_dir)), lost=50 - len(kept))
+    assert kept == set(range(50))
+    assert delivered == set(range(50))  # within the run: the journal is replayed, not left behind
+    order = [e["event_type"] for e in fake.events.values() if e.get("job_id") == "j"]  # as they arrived
+    assert order[0] == "job_start"  # the later events followed the faulted ones through disk
+
+
+def test_a_fault_while_replaying_several_files_gives_each_file_its_events_back(spill_dir, monkeypatch):
+    """One replay request takes this run's next spill files while it has room; a fault in
+    the request must give every file back whole and leave none locked."""
+    r = argus.ExperimentReporter("http://127.0.0.1:9", "p", _worker=False)
+    for k in range(3):
+        r.spill.append([r._encode(("job_epoch", "b", "j", time.time(), {"epoch": 10 * k + i}, 0))[1] for i in range(10)])
+        r.spill.rotate()
+
+    def fault(pairs, attempts):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(r.sender, "_send", fault)
+    with pytest.raises(RuntimeError):
+        r.replayer._replay_once(own_only=True)
+    assert r.replayer._claim is None
+    store = argus.SpillStore(str(spill_dir))
+    taken, claim = [], store.claim_next()
+    while claim is not None:  # every file can be claimed again: no lock is left held
+        taken.append(claim)
+        claim = store.claim_next(skip={c.path for c in taken})
+    events = sorted(json.loads(ln)["data"]["epoch"] for c in taken for ln in c.lines)
+    for c in taken:
+        c.release()
+    assert len(taken) == 3 and events == list(range(30))
+
+
+def test_durable_lines_are_replayed_with_the_source_of_their_batch(spill_dir):
+    """The source block of compact lines is kept in the file's header: a batch_start that
+    changes the command starts a new file, so each event is replayed with its own."""
+    r = argus.ExperimentReporter("http://127.0.0.1:9", "p", durable=True)  # nothing listens there
+    r.batch_start("t", 1, command="python first.py")
+    r.job_epoch("j", 0)
+    r.batch_start("t", 1, command="python second.py", batch_id="second-batch")
+    r.job_epoch("j2", 0)
+    r.close(timeout=0.5)
+    commands = {(e["batch_id"], e["event_type"]): e["source"].get("command") for e in on_disk(spill_dir).values()}
+    assert commands[("second-batch", "job_epoch")] == "python second.py"
+    assert [v for k, v in commands.items() if k[0] != "second-batch"] == ["python first.py"] * 2
 
 
 # ---------------------------------------------------------------------------------------
