@@ -1632,9 +1632,9 @@ class ExperimentReporter:
             if type(value) not in _PLAIN_TYPES:
                 data = _jsonable(data)
                 break
-        record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
         if self.durable:
             return self._submit_durable(etype, job_id, data, batch_id)
+        record = (etype, batch_id or self._batch_id, job_id, _now(), data, 0)
         return self._overflow(record) if len(self._queue) >= self._qmax else self._put(record)
 
     def _submit_durable(self, etype: str, job_id, data: dict, batch_id=None) -> None:
@@ -3337,17 +3337,15 @@ class SpillStore:
     def journal(self, line) -> bool:
         """One event straight to the open file (durable mode); True once the kernel has it.
         ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
-        if type(line) is bytes:
-            data = line
-        else:
-            data = (line + "\n").encode("utf-8")
+        compact = type(line) is bytes
+        data = line if compact else (line + "\n").encode("utf-8")
         with self._lock:
             fd = self._fd
-            if fd is not None and not self._has_source and type(line) is bytes:
+            if fd is not None and compact and not self._has_source:
                 self.rotate()  # a compact line needs the source in its file's header
                 fd = None
             if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
-                if type(line) is bytes:
+                if compact:
                     line = line[:-1].decode("ascii")
                 return self.append([line], rotate=False) == 1
             try:
