@@ -261,9 +261,14 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     finally:
         child.kill()
     returned = progress(tmp_path / "progress")
-    raw = "".join(p.read_text() for p in spill_dir.glob("*.jsonl*") if p.name.startswith("spill-"))
+    files = [p.read_bytes() for p in spill_dir.glob("*.jsonl*") if p.name.startswith("spill-")]
+    raw = b"".join(files).decode()
     compact = [ln for ln in raw.splitlines() if ln.startswith("~")]
     assert len(compact) >= len(returned) > 100  # the journal holds compact lines, not JSON
+    # The open journal was written through a shared map, allocated ahead: SIGKILL left it
+    # at its allocated length, zeros after the last line. A reader must not take them for
+    # a line (they went to the dead-letter file, and the run's last events with them).
+    assert any(f.endswith(b"\0\0\0\0") and b"\n\0" in f for f in files) or sys.platform != "linux", [(len(f), f[-30:]) for f in files]
     saved = on_disk(spill_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "argus", "sync", "--url", fake.url, "--retarget"],
@@ -281,6 +286,7 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
         assert event["source"]["project"] and event["batch_id"] == "kill-1"
     assert fake.duplicates == 0
     assert not on_disk(spill_dir)
+    assert not (spill_dir / "deadletter.jsonl").exists()
 
 
 def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_marshal(fake, spill_dir):
@@ -305,6 +311,58 @@ def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_m
     letters = [json.loads(x) for x in (spill_dir / "deadletter.jsonl").read_text().splitlines()]
     line("damaged compact lines", delivered=len(fake.events), dead_letters=len(letters))
     assert len(letters) == 2
+
+
+def test_a_handler_journaling_between_any_two_bytecodes_of_a_journal_call_overwrites_nothing(tmp_path):
+    """A SIGTERM handler closes the run and journals its last events; Python runs it
+    between two bytecodes of whatever the main thread was doing, which may be a
+    journal() call in durable mode. A trace function plays that handler here at each
+    bytecode of a journal() call in turn: every line of both must be in the file, whole."""
+    store = argus.SpillStore(str(tmp_path), url="http://x", token="t")
+    store.mapped = True
+    store.set_source('{"project": "p"}')
+    written = []
+
+    def journal(i):
+        line = argus._compact(("job_epoch", "b", "j", time.time(), {"epoch": i}, 0), argus._uuid4())
+        written.append(line)
+        assert store.journal(line)
+
+    journal(0)  # opens the file (and maps it, where it can be)
+    mapped = store._map is not None
+    codes = {f.__code__ for f in (argus.SpillStore.journal, argus.SpillStore._journal, argus.SpillStore._put)}
+    at = {"position": 1, "seen": 0, "fired": True}
+
+    def local(frame, event, arg):
+        frame.f_trace_opcodes = True  # 3.13 wants it here; 3.12.1 gives "line" events only
+        if event in ("opcode", "line"):
+            at["seen"] += 1
+            if at["seen"] == at["position"]:
+                at["fired"] = True
+                journal(100000 + at["position"])  # the "handler": tracing is off while it runs
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    while at["fired"]:
+        at.update(fired=False, seen=0)
+        sys.settrace(tracer)
+        try:
+            journal(at["position"])
+        finally:
+            sys.settrace(None)
+        at["position"] += 1
+    position = at["position"]
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("spill-*.jsonl"))
+    lines = [ln + b"\n" for ln in raw.rstrip(b"\0").split(b"\n")[1:] if ln]
+    line("journal() interrupted at each bytecode", positions=position, lines=len(written), mapped=mapped)
+    assert position > 8
+    assert sorted(lines) == sorted(written)
 
 
 def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
@@ -545,13 +603,17 @@ print("after the block", flush=True)
 """
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "durable"])
 @pytest.mark.parametrize("fault", ["ENOSPC", "RLIMIT_FSIZE"])
-def test_a_full_disk_during_an_outage_keeps_events_in_memory_and_delivers_them(fault, fake, spill_dir, tmp_path):
+def test_a_full_disk_during_an_outage_keeps_events_in_memory_and_delivers_them(fault, durable, fake, spill_dir, tmp_path):
     """Issue 10: with the spill disk full, OSError 28 escaped Reporter.__exit__ (5 of 5
-    runs) and the events were dropped; the same error on the worker thread killed it."""
+    runs) and the events were dropped; the same error on the worker thread killed it.
+    Durable mode's journal is a shared map: a full disk must show when its blocks are
+    allocated, never as a SIGBUS on a copy into it, nor as events lost."""
     outage(fake)
     inject = DISK_FULL_ENOSPC if fault == "ENOSPC" else DISK_FULL_FSIZE
-    child = Child(inject + DISK_FULL_RUN, {"ARGUS_URL": fake.url}, tmp_path)
+    env = {"ARGUS_URL": fake.url, "ARGUS_DURABLE": "1" if durable else "0"}
+    child = Child(inject + DISK_FULL_RUN, env, tmp_path)
     try:
         assert wait_until(lambda: (tmp_path / "outage.ready").exists(), 30), child.err[-2000:]
         if fault == "ENOSPC":
