@@ -3253,9 +3253,10 @@ class SpillStore:
         header = self.header
         if self.source is not None:
             header = '%s,"source":%s}' % (header[:-1], self.source)
+        first = (header + "\n").encode("utf-8")
         try:
             _lock_nb(fd)
-            _write_all(fd, (header + "\n").encode("utf-8"))
+            _write_all(fd, first)
             os.rename(making, path)
         except OSError:
             os.close(fd)
@@ -3268,7 +3269,7 @@ class SpillStore:
         self._written = 0
         self.own.append(name)
         if self.mapped:
-            self._grow(len(header) + 1, len(header) + 1)
+            self._grow(len(first), len(first))
 
     # A mapped file: durable mode writes one event per call, and a write(2) per call costs
     # more than the rest of the call, because it lets the worker thread take the GIL. A
