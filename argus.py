@@ -2639,8 +2639,8 @@ class _Sender:
                 )
             except _NetworkError as exc:
                 status, headers, data, problem = None, {}, b"", str(exc)
-            else:
-                problem = "HTTP %d %s" % (status, _error_text(data))
+            else:  # (an answer's text only for a failure: reading a 2xx's costs a parse)
+                problem = None if 200 <= status < 300 else "HTTP %d %s" % (status, _error_text(data))
                 self._last_activity = _mono()
             finally:
                 self._request_deadline = None
