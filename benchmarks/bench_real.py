@@ -108,6 +108,7 @@ def s2_rows(f: dict) -> list:
         ("delivered during the run", "%s (%s)" % (run["stored_in_run"], _fmt(run["delivered_in_run_pct"], " %")), "s2_in_run"),
         ("requests answered 429", "%s of %s (%s)" % (srv["rate_limited"], srv["requests"], _fmt(srv["rate_limited_pct"], " %")), "s2_429"),
         ("median events per accepted ingest request", _fmt(sizes["median"]), "s2_median"),
+        ("  accepted under 50: first / before a 429 / after / exit", _small_requests(f), None),
         ("requests used: sent / accepted / ceiling", "%s / %s / %s" % (
             srv["requests"], srv["ingest_accepted"] + srv["daemon_accepted"], f["request_ceiling"]), None),
         ("  run length (start -> last exit)", _fmt(f["run_length_s"], " s"), None),
@@ -130,6 +131,30 @@ def s2_rows(f: dict) -> list:
                  ("  429s during sync", "n/a", None)]
     rows.append(("events processed twice", _fmt(f["server_total"]["processed_twice"]), None))
     return rows
+
+
+def _small_requests(f: dict) -> str:
+    """How many accepted ingest requests carried under 50 events, by when each client sent
+    them: its first request, others before its first 429, after it, or from its exit on."""
+    log, clients = f.get("request_log"), f.get("clients")
+    if not log or not clients:
+        return "n/a"
+    counts = {"first": 0, "before": 0, "after": 0, "exit": 0}
+    seen, limited = set(), set()
+    for r in log:
+        c = r["client"]
+        if c is None or r["route"] not in ("events", "batch"):
+            continue
+        if r["status"] == 429:
+            limited.add(c)
+        elif r["status"] == 200:
+            emit_end = clients[c]["t_emit_end"]
+            if r["events"] < 50:
+                kind = ("exit" if emit_end is not None and r["t"] >= emit_end else "first" if c not in seen
+                        else "after" if c in limited else "before")
+                counts[kind] += 1
+            seen.add(c)
+    return "%(first)d / %(before)d / %(after)d / %(exit)d" % counts
 
 
 def print_table(title: str, ours: dict | None, upstream: dict | None, rows_of) -> None:

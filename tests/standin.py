@@ -390,6 +390,7 @@ class StandIn:
             "status": None,
             "gave_up": False,
             "gave_up_after_s": None,  # from arrival until the server noticed the client had gone
+            "batch": None,  # the batch_id the body names first: which client sent it (429s too)
         }
         with self.lock:
             self._in_flight += 1
@@ -402,6 +403,9 @@ class StandIn:
                 record["gave_up"] = True  # the client left while sending
                 handler.close_connection = True
                 return
+            found = _BATCH_ID.search(body, 0, 4096) if body else None
+            if found:
+                record["batch"] = found.group(1).decode("utf-8", "replace")
             status, payload, headers = self._answer(handler, record, method, path, token, body)
             record["status"] = status
             if not record["gave_up"] and _client_gone(handler.connection):
@@ -743,6 +747,9 @@ _ROUTES = (
     ("POST", re.compile(r"^/api/jobs/([^/]+)/artifacts$"), "job_artifacts"),
     ("POST", re.compile(r"^/api/batches/([^/]+)/artifacts$"), "batch_artifacts"),
 )
+
+
+_BATCH_ID = re.compile(rb'"batch_id"\s*:\s*"([^"]+)"')
 
 
 def _route_name(method: str, path: str) -> tuple:
@@ -1166,6 +1173,10 @@ def run_sync(python: str, client: Client, url: str, token: str, repo: str = REPO
     return {"rc": rc, "seconds": round(time.monotonic() - started, 2), "output": out[-500:]}
 
 
+def _rel(t, start_at: float):
+    return round(t - start_at, 3) if t else None
+
+
 def _exit_figures(clients: list) -> dict:
     """From the end of emitting to: the with-blocks' return, the last exit handler, and the
     process end as the harness saw it."""
@@ -1268,14 +1279,21 @@ def scenario(
                  "gave_up_after_s": r["gave_up_after_s"]}
                 for r in server.requests if r["gave_up"]
             ][:50]
-        if procs == 1:  # one client: its request sequence tells how it sizes and times requests
-            with server.lock:
-                figures["request_log"] = [
-                    {"t": round(r["t"] - start_at, 3), "dur": round((r["t_end"] or r["t"]) - r["t"], 3),
-                     "route": r["route"], "events": r["events"], "status": r["status"], "gave_up": r["gave_up"],
-                     "gave_up_after_s": r["gave_up_after_s"], "dup": r["dup"]}
-                    for r in server.requests
-                ]
+        # Every request in order: how each client sizes and times its requests. ``client`` is
+        # the index of the client whose batch the body names (None: a stop poll).
+        client_of = {c.result.get("batch_id"): i for i, c in enumerate(clients) if c.result}
+        figures["clients"] = [
+            {"t_start": _rel(c.result.get("t_start"), start_at), "t_emit_end": _rel(c.result.get("t_emit_end"), start_at),
+             "t_exit": _rel(c.end_of_run(), start_at)}
+            for c in clients
+        ]
+        with server.lock:
+            figures["request_log"] = [
+                {"t": round(r["t"] - start_at, 3), "dur": round((r["t_end"] or r["t"]) - r["t"], 3),
+                 "route": r["route"], "events": r["events"], "status": r["status"], "gave_up": r["gave_up"],
+                 "gave_up_after_s": r["gave_up_after_s"], "dup": r["dup"], "client": client_of.get(r["batch"])}
+                for r in server.requests
+            ]
         if sync and kind == "ours":
             syncs = []
             t0 = time.time()
