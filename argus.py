@@ -142,7 +142,7 @@ DEFAULT_SPILL_ROTATE_S = 30.0
 DEFAULT_QUEUE_SIZE = 100_000
 QUEUE_MAX_BYTES = 64 * 1024 * 1024  # bound on the bytes of strings waiting in memory
 _SPILL_ROTATE_BYTES = 16 * 1024 * 1024
-_MAP_CHUNK = 1024 * 1024  # durable mode's spill file grows (and is mapped) this much at a time
+_MAP_CHUNK = 256 * 1024  # durable mode's spill file grows (and is mapped) this much at a time
 _MONITOR_YAML = os.path.join("configs", "monitor.yaml")
 _USER_AGENT = "argus-reporter/%s (schema=%s; python/%d.%d)" % (
     __version__,
@@ -1659,6 +1659,17 @@ class ExperimentReporter:
                 on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
             else:
                 on_disk = spill.journal(line)
+            if not on_disk and spill.at_cap and not self._offline:
+                _log_once(
+                    "durable-cap:" + spill.directory,
+                    "warning",
+                    "argus: the spill directory %s is at its cap of %s MB: durable mode keeps "
+                    "new events in memory only, until they are sent (a SIGKILL would lose "
+                    "them). Run `python3 -m argus sync` or raise %s.",
+                    spill.directory,
+                    "%.3g" % (spill.max_bytes / 1048576.0),
+                    ENV_SPILL_MAX_MB,
+                )
             if len(self._queue) < self._qmax:
                 # The worker encodes it (with this id) when it sends it.
                 self._queue.append(record + (event_id, on_disk))
@@ -3217,6 +3228,8 @@ class SpillStore:
         self._written = 0
         self._total = None
         self._map = None  # the open file's mmap (mapped stores); its position: the file's length
+        self._critical = False  # this store's thread is changing the open file (see _aside)
+        self._deferred = False  # a signal handler asked to close the open file meanwhile
 
     # -- writing ----------------------------------------------------------------------
 
@@ -3240,6 +3253,8 @@ class SpillStore:
                             pass
         except OSError:
             pass
+        if self._map is not None:  # the open file's zeros past its end hold no events
+            total -= len(self._map) - self._map.tell()
         return total
 
     def _open(self) -> None:
@@ -3250,10 +3265,7 @@ class SpillStore:
         # a replayer never sees it empty and unlocked (it would delete it).
         making = path + ".new"
         fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        header = self.header
-        if self.source is not None:
-            header = '%s,"source":%s}' % (header[:-1], self.source)
-        first = (header + "\n").encode("utf-8")
+        first = self._header_line()
         try:
             _lock_nb(fd)
             _write_all(fd, first)
@@ -3271,30 +3283,48 @@ class SpillStore:
         if self.mapped:
             self._grow(len(first), len(first))
 
+    def _header_line(self) -> bytes:
+        header = self.header
+        if self.source is not None:
+            header = '%s,"source":%s}' % (header[:-1], self.source)
+        return (header + "\n").encode("utf-8")
+
     # A mapped file: durable mode writes one event per call, and a write(2) per call costs
     # more than the rest of the call, because it lets the worker thread take the GIL. A
     # line copied into a MAP_SHARED map is in the page cache when the copy ends, as safe
-    # from SIGKILL as a write(2), and the GIL is kept. The blocks are allocated before they
-    # are mapped (posix_fallocate): a full disk says so there, never as a SIGBUS on a copy.
-    # Each line goes in with one mmap.write(), which also moves the map's position: a
-    # SIGTERM handler that closes the run (and writes its last events) between two
-    # bytecodes of a journal() call writes wholly before or after that call's line, never
-    # over it. The file is cut back to the map's position when it is closed; a reader of a
-    # file whose writer died ignores the zeros at its end.
+    # from SIGKILL as a write(2), and the GIL is kept.
+    # - The blocks are allocated before they are mapped (posix_fallocate), so a full disk
+    #   says so there, never as a SIGBUS on a copy; a refused allocation (which may have
+    #   taken part of the space) is cut back, and the file goes on with write(2).
+    # - A map is made only while the cap has room for a whole chunk: the zeros past the
+    #   written end count in every store's view of the directory's size.
+    # - The file is cut back to the map's position when it is closed. A reader of a file
+    #   whose writer died drops the zeros (no line ever holds a NUL byte).
+    # - Each line goes in with one mmap.write(), which also moves the map's position, so a
+    #   signal handler that writes between two bytecodes of a journal() call writes wholly
+    #   before or after that call's line. Changing the open file (open, grow, close) takes
+    #   several steps: a handler that runs in the middle of them must not touch the file
+    #   (see _aside).
 
     def _grow(self, end: int, length: int) -> bool:
         """Map the open file, ``length`` bytes long, with room past ``end``; False (and
-        unmapped) when it cannot be."""
+        unmapped, ``length`` long) when it cannot be."""
         size = (end // _MAP_CHUNK + 1) * _MAP_CHUNK
+        new = None
         try:
+            if self._total is None or self._total + _MAP_CHUNK > self.max_bytes:
+                raise ValueError("no room under the cap for a mapped chunk")
             import mmap
 
             os.posix_fallocate(self._fd, 0, size)
             new = mmap.mmap(self._fd, size)
-        except (OSError, ValueError, AttributeError, ImportError):  # no room, or no mmap here
+            new.seek(length)
+        except (OSError, ValueError, TypeError, AttributeError, ImportError):  # no room, or no mmap here
+            if new is not None:
+                new.close()
             self._unmap()
+            os.ftruncate(self._fd, length)  # what a refused allocation took, given back
             return False
-        new.seek(length)
         old, self._map = self._map, new
         if old is not None:
             old.close()
@@ -3302,10 +3332,11 @@ class SpillStore:
 
     def _unmap(self) -> None:
         """Back to write(2): the file is cut to what was written, and appends follow it."""
-        old, self._map = self._map, None
+        old = self._map
         if old is None:
             return
         length = old.tell()
+        self._map = None
         old.close()
         os.ftruncate(self._fd, length)
 
@@ -3319,6 +3350,43 @@ class SpillStore:
                 return
         _write_all(self._fd, data)
 
+    # A signal handler runs between two bytecodes of the main thread, and the lock (an
+    # RLock, so that a handler can save the queue while the thread holds it) lets it in.
+    # While this thread is changing the open file (_critical), a handler's lines go to a
+    # file of their own, complete at once, and a handler's close waits for the change to
+    # end (_deferred). A close is never turned into a delete there: the line being written
+    # when the handler ran was not in the file when it judged it all acknowledged.
+
+    def _aside(self, data: bytes, count: int) -> bool:
+        try:
+            self._ensure_dir()
+            name = "spill-%020d-%d-%s" % (time.time_ns(), os.getpid(), os.urandom(3).hex())
+            path = os.path.join(self.directory, name + _SPILL_SUFFIX)
+            fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, self._header_line() + data)
+            finally:
+                os.close(fd)
+            os.rename(path + ".new", path)
+        except OSError as exc:
+            self.failures += 1
+            _log("error", "argus: cannot write to the spill directory %s (%s)", self.directory, exc)
+            return False
+        self.spilled += count
+        self._note(spilled=count)
+        self.own.append(name)
+        return True
+
+    def _end_critical(self) -> None:
+        self._critical = False
+        while self._deferred:
+            self._deferred = False
+            self._critical = True
+            try:
+                self._rotate()
+            finally:
+                self._critical = False
+
     def append(self, lines, *, rotate: bool = True) -> int:
         """Write encoded events in order; returns how many were written (a prefix of
         ``lines``). At the size cap only the events that fit are written and ``at_cap`` is
@@ -3327,38 +3395,47 @@ class SpillStore:
             return 0
         data = ("\n".join(lines) + "\n").encode("utf-8")
         with self._lock:
-            self.at_cap = False
+            if self._critical:
+                return len(lines) if self._aside(data, len(lines)) else 0
+            self._critical = True
             try:
-                if self._total is None:
-                    self._ensure_dir()
-                    self._total = self._dir_bytes()
+                return self._append(lines, data, rotate)
+            finally:
+                self._end_critical()
+
+    def _append(self, lines, data: bytes, rotate: bool) -> int:
+        self.at_cap = False
+        try:
+            if self._total is None:
+                self._ensure_dir()
+                self._total = self._dir_bytes()
+            if self._total + len(data) > self.max_bytes:
+                self._total = self._dir_bytes()  # others may have replayed meanwhile
                 if self._total + len(data) > self.max_bytes:
-                    self._total = self._dir_bytes()  # others may have replayed meanwhile
-                    if self._total + len(data) > self.max_bytes:
-                        room, fits = self.max_bytes - self._total, 0
-                        for line in lines:
-                            room -= len(line.encode("utf-8")) + 1
-                            if room < 0:
-                                break
-                            fits += 1
-                        self.at_cap = True
-                        lines = lines[:fits]
-                        if not lines:
-                            return 0
-                        data = ("\n".join(lines) + "\n").encode("utf-8")
-                if self._fd is None:
-                    self._open()
-                self._put(data)
-            except OSError as exc:
-                self._failed(exc)
-                return 0
-            self._total += len(data)
-            self._written += len(data)
-            self.spilled += len(lines)
-            self._note(spilled=len(lines))
-            if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
-                self.rotate()
-            return len(lines)
+                    room, fits = self.max_bytes - self._total, 0
+                    for line in lines:
+                        room -= len(line.encode("utf-8")) + 1
+                        if room < 0:
+                            break
+                        fits += 1
+                    self.at_cap = True
+                    lines = lines[:fits]
+                    if not lines:
+                        return 0
+                    data = ("\n".join(lines) + "\n").encode("utf-8")
+            if self._fd is None:
+                self._open()
+            self._put(data)
+        except OSError as exc:
+            self._failed(exc)
+            return 0
+        self._total += len(data)
+        self._written += len(data)
+        self.spilled += len(lines)
+        self._note(spilled=len(lines))
+        if rotate and (self._written >= _SPILL_ROTATE_BYTES or _mono() - self._opened >= self.rotate_s):
+            self._rotate()
+        return len(lines)
 
     def refuse(self, count: int, say: bool = False) -> None:
         """Events given up because the directory is at its cap: counted, and said (the first
@@ -3374,7 +3451,7 @@ class SpillStore:
             "argus: the spill directory %s is at its cap of %s MB: %d event(s) could not be "
             "saved (%d so far). Run `python3 -m argus sync` or raise %s.",
             self.directory,
-            "%g" % round(self.max_bytes / 1048576.0, 1),
+            "%.3g" % (self.max_bytes / 1048576.0),
             count,
             self.dropped,
             ENV_SPILL_MAX_MB,
@@ -3384,16 +3461,23 @@ class SpillStore:
         """The ``source`` block (JSON) for compact lines: a new one starts a new file."""
         with self._lock:
             if source != self.source and self._fd is not None:
-                self.rotate()
+                if self._critical:  # a signal handler's: the file closes once the change ends
+                    self._deferred = True
+                else:
+                    self._critical = True
+                    try:
+                        self._rotate()
+                    finally:
+                        self._end_critical()
             self.source = source
-            self._has_source = self._fd is not None
+            self._has_source = self._fd is not None and not self._deferred
 
     def journal(self, line) -> bool:
         """One event straight to the open file (durable mode); True once the kernel has it.
         ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
         with self._lock:
             mapped = self._map
-            if mapped is not None and type(line) is bytes and self._has_source:
+            if mapped is not None and type(line) is bytes and self._has_source and not self._critical:
                 size = len(line)
                 if self._total + size <= self.max_bytes:
                     try:
@@ -3404,33 +3488,38 @@ class SpillStore:
                         self._total += size
                         self._written += size
                         return True
-            return self._journal(line)
-
-    def _journal(self, line) -> bool:
-        compact = type(line) is bytes
-        data = line if compact else (line + "\n").encode("utf-8")
-        with self._lock:
-            fd = self._fd
-            if fd is not None and compact and not self._has_source:
-                self.rotate()  # a compact line needs the source in its file's header
-                fd = None
-            if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
-                if compact:
-                    line = line[:-1].decode("ascii")
-                return self.append([line], rotate=False) == 1
+            data = line if type(line) is bytes else (line + "\n").encode("utf-8")
+            if self._critical:
+                return self._aside(data, 1)
+            self._critical = True
             try:
-                self._put(data)
-            except OSError as exc:
-                self._failed(exc)
-                return False
-            self._total += len(data)
-            self._written += len(data)
-            return True
+                return self._journal(line, data)
+            finally:
+                self._end_critical()
+
+    def _journal(self, line, data: bytes) -> bool:
+        compact = type(line) is bytes
+        fd = self._fd
+        if fd is not None and compact and not self._has_source:
+            self._rotate()  # a compact line needs the source in its file's header
+            fd = None
+        if fd is None or self._total is None or self._total + len(data) > self.max_bytes:
+            if compact:
+                line = line[:-1].decode("ascii")
+            return self._append([line], data, False) == 1
+        try:
+            self._put(data)
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        self._total += len(data)
+        self._written += len(data)
+        return True
 
     def _failed(self, exc: OSError) -> None:
         self.failures += 1
         if self._fd is not None:  # a half-written file: close it, keep what it holds
-            self.rotate()
+            self._rotate()
         self._total = None
         _log_once(
             "spill-fail:%s:%s" % (self.directory, getattr(exc, "errno", None)),
@@ -3467,26 +3556,43 @@ class SpillStore:
     def rotate(self) -> None:
         """Close the open file so that it can be replayed (by this or another process)."""
         with self._lock:
-            fd, path = self._take_open()
-            if fd is None:
+            if self._critical:
+                self._deferred = True
                 return
+            self._critical = True
             try:
-                os.fsync(fd)  # the file is complete on disk before anyone may claim it
-                os.rename(path, path[: -len(".part")])
-            except OSError as exc:
-                _log("warning", "argus: cannot close spill file %s: %s", path, exc)
+                self._rotate()
             finally:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                self._end_critical()
 
     close = rotate
+
+    def _rotate(self) -> None:
+        fd, path = self._take_open()
+        if fd is None:
+            return
+        try:
+            os.fsync(fd)  # the file is complete on disk before anyone may claim it
+            os.rename(path, path[: -len(".part")])
+        except OSError as exc:
+            _log("warning", "argus: cannot close spill file %s: %s", path, exc)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def discard_open(self) -> None:
         """Delete the open file: every event in it was acknowledged (durable mode)."""
         with self._lock:
-            fd, path = self._take_open()
+            if self._critical:
+                self._deferred = True  # kept and closed: a replay skips what was acknowledged
+                return
+            self._critical = True
+            try:
+                fd, path = self._take_open()
+            finally:
+                self._end_critical()
             if fd is None:
                 return
             self._total = None
@@ -3505,6 +3611,7 @@ class SpillStore:
         if self._map is not None:  # unmapped here only: the parent goes on writing it
             self._map.close()
             self._map = None
+        self._critical = self._deferred = False
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -3799,7 +3906,7 @@ class _Claim:
         self._fd = fd
         self._mtime = mtime
         with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read().rstrip(b"\0")  # a mapped file whose writer died ends in zeros
+            raw = f.read().replace(b"\0", b"")  # zeros a mapped file's writer left (no line holds one)
         lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
         self.header = None
         self.destination = None  # the server URL the events were written for (None: any)

@@ -313,24 +313,46 @@ def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_m
     assert len(letters) == 2
 
 
-def test_a_handler_journaling_between_any_two_bytecodes_of_a_journal_call_overwrites_nothing(tmp_path):
-    """A SIGTERM handler closes the run and journals its last events; Python runs it
-    between two bytecodes of whatever the main thread was doing, which may be a
-    journal() call in durable mode. A trace function plays that handler here at each
-    bytecode of a journal() call in turn: every line of both must be in the file, whole."""
+def _spilled_lines(directory: Path) -> list:
+    """Every line of every spill file in ``directory``, headers left out, as written."""
+    found = []
+    for path in sorted(directory.glob("spill-*.jsonl*")):
+        raw = path.read_bytes().replace(b"\0", b"")
+        found += [ln + b"\n" for ln in raw.split(b"\n")[1:] if ln]
+    return found
+
+
+@pytest.mark.parametrize("handler", ["journals", "journals and closes"])
+@pytest.mark.parametrize("grows", [False, True], ids=["in the map", "growing the map"])
+def test_a_handler_running_between_any_two_bytecodes_of_a_journal_call_loses_nothing(handler, grows, tmp_path, monkeypatch):
+    """A SIGTERM handler journals the run's last events and closes its spill file; Python
+    runs it between two bytecodes of whatever the main thread was doing, which may be a
+    journal() call in durable mode, and a program's own handler may then return to it. A
+    trace function plays that handler here at each bytecode of a journal() call in turn,
+    for a line that fits in the map and for one that makes it grow. Every line of both
+    must be on disk, whole and once, and nothing may raise."""
+    if grows:
+        monkeypatch.setattr(argus, "_MAP_CHUNK", 4096)  # every line below is larger
     store = argus.SpillStore(str(tmp_path), url="http://x", token="t")
     store.mapped = True
     store.set_source('{"project": "p"}')
     written = []
 
     def journal(i):
-        line = argus._compact(("job_epoch", "b", "j", time.time(), {"epoch": i}, 0), argus._uuid4())
+        data = {"epoch": i, "note": "x" * (5000 if grows else 10)}
+        line = argus._compact(("job_epoch", "b", "j", time.time(), data, 0), argus._uuid4())
         written.append(line)
         assert store.journal(line)
 
     journal(0)  # opens the file (and maps it, where it can be)
     mapped = store._map is not None
-    codes = {f.__code__ for f in (argus.SpillStore.journal, argus.SpillStore._journal, argus.SpillStore._put)}
+    codes = {
+        f.__code__
+        for f in (
+            argus.SpillStore.journal, argus.SpillStore._journal, argus.SpillStore._put, argus.SpillStore._grow,
+            argus.SpillStore._unmap, argus.SpillStore._append, argus.SpillStore._open, argus.SpillStore._end_critical,
+        )
+    }
     at = {"position": 1, "seen": 0, "fired": True}
 
     def local(frame, event, arg):
@@ -340,6 +362,8 @@ def test_a_handler_journaling_between_any_two_bytecodes_of_a_journal_call_overwr
             if at["seen"] == at["position"]:
                 at["fired"] = True
                 journal(100000 + at["position"])  # the "handler": tracing is off while it runs
+                if handler == "journals and closes":
+                    store.close()
         return local
 
     def tracer(frame, event, arg):
@@ -358,11 +382,70 @@ def test_a_handler_journaling_between_any_two_bytecodes_of_a_journal_call_overwr
         at["position"] += 1
     position = at["position"]
     store.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("spill-*.jsonl"))
-    lines = [ln + b"\n" for ln in raw.rstrip(b"\0").split(b"\n")[1:] if ln]
-    line("journal() interrupted at each bytecode", positions=position, lines=len(written), mapped=mapped)
+    lines = _spilled_lines(tmp_path)
+    line("journal() interrupted at each bytecode", handler=handler, grows=grows, positions=position,
+         lines=len(written), files=len(list(tmp_path.glob("spill-*"))), mapped=mapped)
     assert position > 8
     assert sorted(lines) == sorted(written)
+
+
+def test_a_refused_allocation_or_map_leaves_no_zeros_before_the_lines(tmp_path, monkeypatch):
+    """ext4 with less free space than a chunk: posix_fallocate takes what it can, then
+    fails with ENOSPC. Or the map is refused after the allocation (RLIMIT_AS, too many
+    maps). The file must be cut back to its header, so that the lines written with
+    write(2) follow it: zeros before them took every event of such a run (the disk
+    stayed full) or sent the first line of each file to the dead-letter file."""
+    real_fallocate = os.posix_fallocate
+    import mmap
+
+    real_mmap = mmap.mmap
+
+    def partial(fd, offset, length):
+        os.ftruncate(fd, offset + length // 2)  # what ext4 leaves when it runs out
+        raise OSError(28, "No space left on device")
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    for fault in ("fallocate", "mmap"):
+        directory = tmp_path / fault
+        if fault == "fallocate":
+            monkeypatch.setattr(os, "posix_fallocate", partial)
+        else:
+            monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+            monkeypatch.setattr(mmap, "mmap", refused)
+        store = argus.SpillStore(str(directory), url="http://x", token="t")
+        store.mapped = True
+        store.set_source('{"project": "p"}')
+        lines = [argus._compact(("job_epoch", "b", "j", time.time(), {"epoch": i}, 0), argus._uuid4()) for i in range(20)]
+        assert all(store.journal(ln) for ln in lines)
+        assert store._map is None
+        files = list(directory.glob("spill-*.jsonl.part"))
+        assert len(files) == 1 and b"\0" not in files[0].read_bytes(), fault
+        store.close()
+        assert _spilled_lines(directory) == lines
+    monkeypatch.setattr(mmap, "mmap", real_mmap)
+
+
+def test_durable_journals_sharing_a_directory_with_a_small_cap_count_what_they_hold(tmp_path):
+    """The zeros past a mapped file's end are not events: durable runs writing to one
+    spill directory under a small cap must not refuse each other's lines because of them
+    (with two runs and a 1 MB cap, 148 of 148 of one run's events were not journaled)."""
+    stores = []
+    for _ in range(3):
+        store = argus.SpillStore(str(tmp_path), max_mb=0.4, url="http://x", token="t")
+        store.mapped = True
+        store.set_source('{"project": "p"}')
+        stores.append(store)
+    lines = {0: [], 1: [], 2: []}
+    for i in range(300):
+        for k, store in enumerate(stores):
+            ln = argus._compact(("job_epoch", "b", "j%d" % k, time.time(), {"epoch": i}, 0), argus._uuid4())
+            assert store.journal(ln), (k, i)
+            lines[k].append(ln)
+    for store in stores:
+        store.close()
+    assert sorted(_spilled_lines(tmp_path)) == sorted(lines[0] + lines[1] + lines[2])
 
 
 def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
@@ -396,6 +479,22 @@ def test_a_durable_close_with_no_time_left_keeps_the_journal(fake, spill_dir, mo
     line("durable close(timeout=0), %s" % mode, emitted=20, delivered=len(fake.events),
          on_disk=len(on_disk(spill_dir)), lost=20 - len(kept))
     assert kept == set(range(20))
+
+
+def test_durable_mode_says_once_when_the_cap_leaves_events_in_memory_only(fake, spill_dir, monkeypatch, caplog):
+    """At the spill cap a durable event is kept in memory only: not lost, but a SIGKILL
+    would lose it, and the user chose durable mode to rule that out. It was silent."""
+    monkeypatch.setenv("ARGUS_SPILL_MAX_MB", "0.01")  # about 10 KB: room for some 60 events
+    outage(fake)
+    r = argus.ExperimentReporter(fake.url, "p", durable=True)
+    for i in range(300):
+        r.job_epoch("j", i, train_loss=0.1)
+    said = [rec.getMessage() for rec in caplog.records if "durable mode keeps new events in memory only" in rec.getMessage()]
+    recovery(fake)
+    r.close(timeout=20)
+    line("durable at the spill cap", emitted=300, delivered=len(epochs(dict(fake.events), "j")), warnings=len(said))
+    assert len(said) == 1 and "at its cap of 0 MB" not in said[0]
+    assert epochs(dict(fake.events), "j") == list(range(300))
 
 
 def test_a_worker_fault_with_durable_events_in_flight_sends_them_from_disk(fake, spill_dir, monkeypatch, caplog):
