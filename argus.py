@@ -3905,6 +3905,7 @@ class _Claim:
         self.path = path
         self._fd = fd
         self._mtime = mtime
+        _unlink(path + ".tmp")  # release()'s rewrite, left by a holder killed mid-write: only a holder writes it
         with os.fdopen(os.dup(fd), "rb") as f:
             raw = f.read().replace(b"\0", b"")  # zeros a mapped file's writer left (no line holds one)
         lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]

@@ -349,6 +349,18 @@ def test_sync_takes_a_dead_writers_open_file_but_not_a_live_one(fake, spill_dir,
     assert len(fake.events) == 5 and fake.duplicates == 0
 
 
+def test_sync_removes_the_rewrite_a_killed_sync_left_half_written(fake, spill_dir, capsys):
+    """A sync killed while it rewrote a file it had partly sent leaves ``<file>.tmp`` (the
+    file itself is whole). Nothing read it or removed it: 14-33 MB each in a review."""
+    ids = spill(3)
+    (path,) = spill_dir.glob("spill-*.jsonl")
+    stale = Path(str(path) + ".tmp")
+    stale.write_text(path.read_text()[:50])
+    assert argus.main(["sync", "--url", fake.url]) == 0
+    assert set(fake.events) == set(ids)
+    assert not stale.exists() and not list(spill_dir.glob("spill-*"))
+
+
 def test_sync_dir_and_dry_run(fake, spill_dir, tmp_path, capsys):
     other = tmp_path / "elsewhere"
     spill(7, directory=str(other))
