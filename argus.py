@@ -5642,6 +5642,8 @@ def _callback_init(framework: str, train_loss_keys: tuple, val_loss_keys: tuple)
             self.final_metric_keys = _keys(final_metric_keys, "final_metric_keys")
             self._reset_epoch_state()
 
+    # A wrong keyword's TypeError names the function by this (not _callback_init.<locals>...)
+    _ArgusCallbackInit.__init__.__qualname__ = "ArgusCallback.__init__"
     return _ArgusCallbackInit
 
 

@@ -101,3 +101,24 @@ def test_a_url_without_a_scheme_gets_one_line_and_the_run_goes_on(caplog, monkey
     assert len(lines) == 1, lines
     assert "has no scheme" in lines[0] and "http://host:port" in lines[0]
     assert ran_to_the_end
+
+
+def test_a_wrong_callback_keyword_names_the_callback_not_an_internal_helper():
+    """The Lightning and Keras callbacks share one constructor; a misspelt keyword's
+    TypeError named `_callback_init.<locals>._ArgusCallbackInit.__init__()`."""
+    import sys
+
+    import pytest
+
+    class Base:
+        def _reset_epoch_state(self):
+            pass
+
+    class ArgusCallback(argus._callback_init("keras", ("loss",), ("val_loss",)), Base):
+        pass
+
+    with pytest.raises(TypeError) as info:
+        ArgusCallback(project="p", job_id="j", val_loss_key="v")
+    assert "_callback_init" not in str(info.value) and "val_loss_key" in str(info.value)
+    if sys.version_info >= (3, 10):  # older versions name the function only
+        assert str(info.value).startswith("ArgusCallback.__init__()")
