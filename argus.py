@@ -1562,6 +1562,7 @@ class ExperimentReporter:
         if self.spill.summarise and self.url:
             _destinations[self.spill.directory] = (self.url, self._token)
         self._qmax = max(1, int(queue_size))
+        self._journaling = False  # durable: between an event's journal line and its queue entry
         self._records_uploads = _worker
         self.lost = 0  # events that could be neither delivered nor saved (queue full, disk refused)
         # The parts, each the one owner of its state; they reach each other through these.
@@ -1654,11 +1655,18 @@ class ExperimentReporter:
                 spill.set_source(source)
         line = None if self._offline else _compact(record, event_id)
         with self.worker._lock:
-            if line is None:  # offline (the file is the delivery) or data marshal refuses
-                line = self._encode(record, event_id)[1]
-                on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
-            else:
-                on_disk = spill.journal(line)
+            # From the write to the queue, the journal holds an event that the worker does
+            # not know of: a signal handler that closes the run meanwhile must keep the file.
+            self._journaling = True
+            try:
+                if line is None:  # offline (the file is the delivery) or data marshal refuses
+                    line = self._encode(record, event_id)[1]
+                    on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
+                else:
+                    on_disk = spill.journal(line)
+            except BaseException:
+                self._journaling = False
+                raise
             if not on_disk and spill.at_cap and not self._offline:
                 _log_once(
                     "durable-cap:" + spill.directory,
@@ -1677,6 +1685,7 @@ class ExperimentReporter:
                 self.worker._disk_mode = True
             else:
                 self._lose(1)
+            self._journaling = False
         if self._idle:
             self._wake()
 
@@ -2113,7 +2122,7 @@ class _Worker:
             claim, self.replayer._claim = (self.replayer._claim, None) if not worker_alive else (None, self.replayer._claim)
             if claim is not None:
                 claim.release()
-            if self.facade.durable and not self._disk_mode and not worker_alive:
+            if self.facade.durable and not self._disk_mode and not worker_alive and not self.facade._journaling:
                 self.facade.spill.discard_open()  # every event in the journal was acknowledged
             if self._acked and not worker_alive:
                 self._prune_acked()
@@ -3230,6 +3239,7 @@ class SpillStore:
         self._map = None  # the open file's mmap (mapped stores); its position: the file's length
         self._critical = False  # this store's thread is changing the open file (see _aside)
         self._deferred = False  # a signal handler asked to close the open file meanwhile
+        self._asides = []  # files a signal handler wrote meanwhile: replayed after the open one
 
     # -- writing ----------------------------------------------------------------------
 
@@ -3375,6 +3385,8 @@ class SpillStore:
         self.spilled += count
         self._note(spilled=count)
         self.own.append(name)
+        self._asides.append(path)
+        self._deferred = True  # the open file is closed first, so that a replay sends it first
         return True
 
     def _end_critical(self) -> None:
@@ -3384,6 +3396,16 @@ class SpillStore:
             self._critical = True
             try:
                 self._rotate()
+                # A replay takes files oldest first (mtime): the lines the handler wrote
+                # aside come after everything in the file it interrupted, which closing
+                # has just touched. (A job_failed replayed before its job_start left the
+                # job RUNNING on the server.)
+                asides, self._asides = self._asides, []
+                for path in asides:
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass
             finally:
                 self._critical = False
 
@@ -3476,18 +3498,24 @@ class SpillStore:
         """One event straight to the open file (durable mode); True once the kernel has it.
         ``line``: an encoded event (str), or a compact one with its newline (bytes, _compact)."""
         with self._lock:
-            mapped = self._map
-            if mapped is not None and type(line) is bytes and self._has_source and not self._critical:
-                size = len(line)
-                if self._total + size <= self.max_bytes:
-                    try:
-                        mapped.write(line)
-                    except ValueError:  # the map is full: the long way grows it
-                        pass
+            if not self._critical and type(line) is bytes:
+                self._critical = True  # first: what it reads next, a handler cannot change
+                try:
+                    mapped, total, size = self._map, self._total, len(line)
+                    if mapped is not None and self._has_source and total is not None and total + size <= self.max_bytes:
+                        try:
+                            mapped.write(line)
+                        except ValueError:  # the map is full: the long way grows it
+                            pass
+                        else:
+                            self._total = total + size
+                            self._written += size
+                            return True
+                finally:
+                    if self._deferred:
+                        self._end_critical()
                     else:
-                        self._total += size
-                        self._written += size
-                        return True
+                        self._critical = False
             data = line if type(line) is bytes else (line + "\n").encode("utf-8")
             if self._critical:
                 return self._aside(data, 1)
@@ -3586,7 +3614,10 @@ class SpillStore:
         """Delete the open file: every event in it was acknowledged (durable mode)."""
         with self._lock:
             if self._critical:
-                self._deferred = True  # kept and closed: a replay skips what was acknowledged
+                # Kept and closed instead: the line being written when the handler ran is
+                # not acknowledged. The acknowledged ones in it are sent again by a replay
+                # (the server deduplicates them): a rare interleaving, and nothing is lost.
+                self._deferred = True
                 return
             self._critical = True
             try:
@@ -3612,6 +3643,7 @@ class SpillStore:
             self._map.close()
             self._map = None
         self._critical = self._deferred = False
+        self._asides = []
         if self._fd is not None:
             try:
                 os.close(self._fd)

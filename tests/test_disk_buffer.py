@@ -18,6 +18,7 @@ Each scenario prints one line (``pytest -s``): emitted / delivered / on disk / l
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -387,6 +388,93 @@ def test_a_handler_running_between_any_two_bytecodes_of_a_journal_call_loses_not
          lines=len(written), files=len(list(tmp_path.glob("spill-*"))), mapped=mapped)
     assert position > 8
     assert sorted(lines) == sorted(written)
+
+
+def test_lines_a_handler_wrote_aside_are_replayed_after_the_file_it_interrupted(tmp_path, monkeypatch):
+    """A SIGTERM handler that runs while the journal grows writes job_failed to a file of
+    its own; the interrupted file is closed after it, which touched it last. Replayed by
+    age, job_failed went first, then job_start and the epochs: the server showed the job
+    RUNNING again, its failure erased."""
+    monkeypatch.setattr(argus, "_MAP_CHUNK", 4096)
+    store = argus.SpillStore(str(tmp_path), url="http://x", token="t")
+    store.mapped = True
+    store.set_source('{"project": "p"}')
+
+    def compact(etype, i, pad=1200):
+        return argus._compact((etype, "b", "j", time.time(), {"epoch": i, "pad": "x" * pad}, 0), argus._uuid4())
+
+    early = [compact("job_start", 0)] + [compact("job_epoch", i) for i in range(1, 3)]
+    for ln in early:
+        assert store.journal(ln)
+    failed = compact("job_failed", 99)
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is argus.SpillStore._grow.__code__ and not fired:
+            fired.append(1)
+            store.journal(failed)  # the handler: its last event, then it closes the run
+            store.close()
+        return None
+
+    last = compact("job_epoch", 3, 9000)  # does not fit: the map grows
+    sys.settrace(tracer)
+    try:
+        assert store.journal(last)
+    finally:
+        sys.settrace(None)
+    store.close()
+    assert fired
+    replayed = []
+    for _mtime, _name, path, _size in store._candidates():  # the order a replay takes them in
+        raw = Path(path).read_bytes().replace(b"\0", b"")
+        replayed += [ln + b"\n" for ln in raw.split(b"\n")[1:] if ln]
+    line("handler's line written aside", files=len(store._candidates()), lines=len(replayed))
+    assert sorted(replayed) == sorted(early + [last, failed])
+    assert replayed.index(failed) > max(replayed.index(ln) for ln in early)
+
+
+def test_a_handler_closing_the_run_during_a_durable_call_loses_nothing_and_raises_nothing(fake, spill_dir):
+    """A program's SIGINT/SIGTERM handler may call close(), which is safe from a handler,
+    while a durable emit is writing its line. With every earlier event acknowledged, close
+    deleted the journal: the line being written went with it (or a TypeError left the
+    call), and the event was lost. Played at each bytecode of the call's journal step."""
+    codes = {argus.SpillStore.journal.__code__, argus.ExperimentReporter._submit_durable.__code__}
+    position, outcomes = 0, collections.Counter()
+    while True:
+        position += 1
+        r = argus.ExperimentReporter(fake.url, "p", durable=True, batch_id="close-%d" % position)
+        r.emit("job_epoch", job_id="j", epoch=0)
+        assert r.flush(10)  # acknowledged: closing now would delete the journal
+        at = {"seen": 0, "fired": False, "position": position}
+
+        def local(frame, event, arg, at=at, r=r):
+            frame.f_trace_opcodes = True
+            if event in ("opcode", "line"):
+                at["seen"] += 1
+                if at["seen"] == at["position"]:
+                    at["fired"] = True
+                    r.close(0.1)
+            return local
+
+        def tracer(frame, event, arg, local=local):
+            if frame.f_code in codes:
+                frame.f_trace_opcodes = True
+                return local
+            return None
+
+        sys.settrace(tracer)
+        try:
+            r.emit("job_epoch", job_id="j", epoch=1)
+        finally:
+            sys.settrace(None)
+        r.close(2.0)
+        if not at["fired"]:
+            break
+    kept = {(e["batch_id"], e["data"].get("epoch")) for e in everywhere(fake, spill_dir).values()}
+    for n in range(1, position):
+        outcomes["kept" if ("close-%d" % n, 1) in kept else "LOST"] += 1
+    line("close() at each bytecode of a durable call", positions=position - 1, **outcomes)
+    assert position > 20 and outcomes["LOST"] == 0
 
 
 def test_a_refused_allocation_or_map_leaves_no_zeros_before_the_lines(tmp_path, monkeypatch):
