@@ -441,7 +441,7 @@ def measure(harness: Harness, client: Client, opts: argparse.Namespace) -> Dict[
 # (figure key, label, target, number format)
 _ROWS = [
     ("import_ms", "import argus (ms, median)", "<= 10", "{:.1f}"),
-    ("epoch_p50_us", "job.epoch p50 (us)", "<= 2", "{:.2f}"),
+    ("epoch_p50_us", "job.epoch p50 (us)", "<= 1.5", "{:.2f}"),
     ("epoch_p99_us", "job.epoch p99 (us)", "<= 10", "{:.2f}"),
     ("epoch_amortised_us", "job.epoch amortised (us)", "", "{:.2f}"),
     ("sample_p50_ms", "resource sample, no GPU (ms, p50)", "<= 5", "{:.2f}"),
@@ -483,7 +483,7 @@ _BURST_ROWS = [
     ("spilled_also_delivered", "  of which also delivered", "", "{:,.0f}"),
     ("lost", "lost (neither delivered nor spilled)", "0", "{:,.0f}"),
     ("lifecycle_delivered", "batch/job start+done delivered", "4", "{:.0f}"),
-    ("events_per_s", "events/s end to end", ">= 30,000", "{:,.0f}"),
+    ("events_per_s", "events/s end to end", ">= 40,000", "{:,.0f}"),
     ("exit_latency_ms", "exit after last ack (ms)", "<= 50", "{:.1f}"),
     ("exit_duration_ms", "with-block exit took (ms)", "", "{:.1f}"),
     ("emit_loop_ms", "emit loop took (ms)", "", "{:.1f}"),
