@@ -1664,28 +1664,26 @@ class ExperimentReporter:
                     on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
                 else:
                     on_disk = spill.journal(line)
-            except BaseException:
+                if not on_disk and spill.at_cap and not self._offline:
+                    _log_once(
+                        "durable-cap:" + spill.directory,
+                        "warning",
+                        "argus: the spill directory %s is at its cap of %s MB: durable mode "
+                        "keeps new events in memory only, until they are sent (a SIGKILL "
+                        "would lose them). Run `python3 -m argus sync` or raise %s.",
+                        spill.directory,
+                        "%.3g" % (spill.max_bytes / 1048576.0),
+                        ENV_SPILL_MAX_MB,
+                    )
+                if len(self._queue) < self._qmax:
+                    # The worker encodes it (with this id) when it sends it.
+                    self._queue.append(record + (event_id, on_disk))
+                elif on_disk:
+                    self.worker._disk_mode = True
+                else:
+                    self._lose(1)
+            finally:
                 self._journaling = False
-                raise
-            if not on_disk and spill.at_cap and not self._offline:
-                _log_once(
-                    "durable-cap:" + spill.directory,
-                    "warning",
-                    "argus: the spill directory %s is at its cap of %s MB: durable mode keeps "
-                    "new events in memory only, until they are sent (a SIGKILL would lose "
-                    "them). Run `python3 -m argus sync` or raise %s.",
-                    spill.directory,
-                    "%.3g" % (spill.max_bytes / 1048576.0),
-                    ENV_SPILL_MAX_MB,
-                )
-            if len(self._queue) < self._qmax:
-                # The worker encodes it (with this id) when it sends it.
-                self._queue.append(record + (event_id, on_disk))
-            elif on_disk:
-                self.worker._disk_mode = True
-            else:
-                self._lose(1)
-            self._journaling = False
         if self._idle:
             self._wake()
 
@@ -3389,6 +3387,14 @@ class SpillStore:
         self._deferred = True  # the open file is closed first, so that a replay sends it first
         return True
 
+    def _change(self, change, *args):
+        """``change(*args)``, as the change of the open file under way (see _aside)."""
+        self._critical = True
+        try:
+            return change(*args)
+        finally:
+            self._end_critical()
+
     def _end_critical(self) -> None:
         self._critical = False
         while self._deferred:
@@ -3419,11 +3425,7 @@ class SpillStore:
         with self._lock:
             if self._critical:
                 return len(lines) if self._aside(data, len(lines)) else 0
-            self._critical = True
-            try:
-                return self._append(lines, data, rotate)
-            finally:
-                self._end_critical()
+            return self._change(self._append, lines, data, rotate)
 
     def _append(self, lines, data: bytes, rotate: bool) -> int:
         self.at_cap = False
@@ -3486,11 +3488,7 @@ class SpillStore:
                 if self._critical:  # a signal handler's: the file closes once the change ends
                     self._deferred = True
                 else:
-                    self._critical = True
-                    try:
-                        self._rotate()
-                    finally:
-                        self._end_critical()
+                    self._change(self._rotate)
             self.source = source
             self._has_source = self._fd is not None and not self._deferred
 
@@ -3519,11 +3517,7 @@ class SpillStore:
             data = line if type(line) is bytes else (line + "\n").encode("utf-8")
             if self._critical:
                 return self._aside(data, 1)
-            self._critical = True
-            try:
-                return self._journal(line, data)
-            finally:
-                self._end_critical()
+            return self._change(self._journal, line, data)
 
     def _journal(self, line, data: bytes) -> bool:
         compact = type(line) is bytes
@@ -3587,11 +3581,7 @@ class SpillStore:
             if self._critical:
                 self._deferred = True
                 return
-            self._critical = True
-            try:
-                self._rotate()
-            finally:
-                self._end_critical()
+            self._change(self._rotate)
 
     close = rotate
 
@@ -3619,11 +3609,7 @@ class SpillStore:
                 # (the server deduplicates them): a rare interleaving, and nothing is lost.
                 self._deferred = True
                 return
-            self._critical = True
-            try:
-                fd, path = self._take_open()
-            finally:
-                self._end_critical()
+            fd, path = self._change(self._take_open)
             if fd is None:
                 return
             self._total = None

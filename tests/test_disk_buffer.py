@@ -353,7 +353,8 @@ def test_a_handler_running_between_any_two_bytecodes_of_a_journal_call_loses_not
         f.__code__
         for f in (
             argus.SpillStore.journal, argus.SpillStore._journal, argus.SpillStore._put, argus.SpillStore._grow,
-            argus.SpillStore._unmap, argus.SpillStore._append, argus.SpillStore._open, argus.SpillStore._end_critical,
+            argus.SpillStore._unmap, argus.SpillStore._append, argus.SpillStore._open, argus.SpillStore._change,
+            argus.SpillStore._end_critical,
         )
     }
     at = {"position": 1, "seen": 0, "fired": True}
