@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 import atexit
+import operator
 import os
 import sys
 import threading
@@ -1939,7 +1940,8 @@ class ExperimentReporter:
 
     def _encode(self, record, event_id=None) -> tuple:
         """``(event_id, line)``: the event's envelope as strict JSON, its id made here, once
-        (durable mode made it on the caller's thread: ``event_id``)."""
+        (durable mode made it on the caller's thread: ``event_id``). The worker encodes
+        what it sends with _encode_batch, whose common case does not come here."""
         key = record[:3]  # (event type, batch id, job id)
         envelope = self._envelopes.get(key)
         if envelope is None:
@@ -1950,6 +1952,8 @@ class ExperimentReporter:
                 event_id = _ids.pop()
             except IndexError:
                 event_id = _uuid4()
+        if data and len(envelope[2]) < _MAX_DATA_FORMS and tuple(data) not in envelope[2]:
+            _data_form(envelope, data)
         text = None
         if _json_encode_chunks is not None:
             try:  # the common case without the checks' function calls; else _encode_data
@@ -1960,21 +1964,60 @@ class ExperimentReporter:
                 if len(text) > _MAX_EVENT_CHARS:
                     text = None
         line = '{"event_id":"%s%s%s%s%s}' % (
-            event_id,
-            envelope[0],
-            _format_ts(record[3]),
-            envelope[1],
-            text or _encode_data(data),
+            event_id, envelope[0], _format_ts(record[3]), envelope[1], text or _encode_data(data)
         )
         return event_id, line
 
+    def _encode_batch(self, records: list) -> list:
+        """``(event_id, line)`` for each record as the caller queued it, in order. The
+        common case, data of plain numbers under keys seen before, in one loop: a template
+        (see _data_form) writes the data with the JSON encoder's own number formats, and
+        the envelope, id and timestamp are looked up without a call. The rest: _encode."""
+        envelopes = self._envelopes
+        pairs = []
+        append = pairs.append
+        stamp = _ts_cache
+        for record in records:
+            envelope = envelopes.get(record[:3])
+            if envelope is not None:
+                data = record[4]
+                form = envelope[2].get(tuple(data))
+                if form is not None:
+                    values = tuple(data.values())
+                    for value in values:
+                        if type(value) is not float and type(value) is not int:
+                            break
+                    else:
+                        try:
+                            total = sum(values)  # NaN or an infinity (or an overflow): NaN
+                            text = None if total - total else form % values
+                        except (ValueError, OverflowError):  # an int too long for str()
+                            text = None
+                        if text is not None and len(text) <= _MAX_EVENT_CHARS:
+                            try:
+                                event_id = _ids.pop()
+                            except IndexError:
+                                event_id = _uuid4()
+                            if stamp[2] != int(record[3] * 1000):
+                                _format_ts(record[3])
+                                stamp = _ts_cache
+                            append((
+                                event_id,
+                                '{"event_id":"%s%s%s%s%s}' % (event_id, envelope[0], stamp[3], envelope[1], text),
+                            ))
+                            continue
+            append(self._encode(record))
+        return pairs
+
     def _envelope(self, etype: str, batch_id: str, job_id) -> tuple:
-        """The parts of the envelope around the timestamp, the same for every event of one
-        type, batch and job: built once (the encoding of every event pays for the rest)."""
+        """The parts of the envelope around the timestamp and the data, the same for every
+        event of one type, batch and job, built once (the encoding of every event pays for
+        the rest), and the templates for its data's key sets (see _data_form)."""
         source = self._source()
         if len(self._envelopes) > 4096:
             self._envelopes.clear()
-        envelope = self._envelopes[(etype, batch_id, job_id)] = _envelope_parts(etype, batch_id, job_id, source)
+        head, tail = _envelope_parts(etype, batch_id, job_id, source)
+        envelope = self._envelopes[(etype, batch_id, job_id)] = (head, tail, {})
         return envelope
 
     def _after_fork(self) -> None:
@@ -2331,44 +2374,78 @@ class _Worker:
         return min(1.0, max(0.005, max(self.replayer._replay_due, self.sender._down_until) - _mono()))
 
     def _take(self) -> tuple:
-        events, control, nbytes, on_disk = [], None, 0, True
+        """The next request's events, encoded, from the front of the queue (up to the batch
+        limit, MAX_BATCH_BYTES, or a control, which is returned), marked in flight."""
         limit = self.sender._batch_limit
         facade = self.facade
-        encode = facade._encode
         with self._lock:
             if self._abandoned:
                 return [], None
             queue = facade._queue
-            since = None
-            count = 0
-            while queue and count < limit and nbytes < MAX_BATCH_BYTES:
-                item = queue.popleft()
+            popleft = queue.popleft
+            items, control = [], None
+            while queue and len(items) < limit:
+                item = popleft()
                 if type(item) is not tuple:
                     control = item
                     break
-                size = len(item)
-                if size == 6:  # an event as the caller queued it
-                    if item[5]:
-                        facade._bytes_out += item[5]
-                    if since is None:
-                        since = item[3]
-                    pair = encode(item)
-                    on_disk = False
-                elif size == 3:  # (event_id, line, on disk): encoded earlier
-                    pair = (item[0], item[1])
-                    on_disk = on_disk and item[2]
-                else:  # durable: (record..., event_id, on_disk)
-                    if since is None and not item[7]:
-                        since = item[3]
-                    pair = encode(item, item[6])
-                    on_disk = on_disk and item[7]
-                events.append(pair)
-                count += 1
-                nbytes += len(pair[1])
+                items.append(item)
+            if items and _as_queued(items):  # every one as the caller queued it: the common case
+                events = facade._encode_batch(items)
+                since, on_disk = items[0][3], False
+                if sum(map(len, map(_LINE, events))) >= MAX_BATCH_BYTES:
+                    events = self._cut(events, items, control)
+                    control = None
+            else:
+                events, since, on_disk, control = self._take_each(items, control)
             self._inflight_since = since if since is not None else _now() - JOURNAL_AFTER_S / 2
             self._inflight = events
             self._inflight_journaled = bool(events) and on_disk
         return events, control
+
+    def _cut(self, events: list, items: list, control) -> list:
+        """A batch over MAX_BATCH_BYTES: the events up to the one that reaches it; the rest
+        (and the control taken after them) go back to the front of the queue, as queued."""
+        nbytes = count = 0
+        for _, line in events:
+            count += 1
+            nbytes += len(line)
+            if nbytes >= MAX_BATCH_BYTES:
+                break
+        rest = items[count:] + ([control] if control is not None else [])
+        self.facade._queue.extendleft(reversed(rest))
+        return events[:count]
+
+    def _take_each(self, items: list, control) -> tuple:
+        """_take for a batch with events encoded earlier (a 429 or an outage put them back),
+        durable events, or events with a size: one at a time. ``(events, since, on disk,
+        control)``; what is past MAX_BATCH_BYTES goes back to the queue, with the control."""
+        facade = self.facade
+        events, since, on_disk, nbytes = [], None, True, 0
+        for count, item in enumerate(items, 1):
+            size = len(item)
+            if size == 6:  # an event as the caller queued it
+                if item[5]:
+                    facade._bytes_out += item[5]
+                if since is None:
+                    since = item[3]
+                pair = facade._encode_batch([item])[0]
+                on_disk = False
+            elif size == 3:  # (event_id, line, on disk): encoded earlier
+                pair = (item[0], item[1])
+                on_disk = on_disk and item[2]
+            else:  # durable: (record..., event_id, on_disk)
+                if since is None and not item[7]:
+                    since = item[3]
+                pair = facade._encode(item, item[6])
+                on_disk = on_disk and item[7]
+            events.append(pair)
+            nbytes += len(pair[1])
+            if nbytes >= MAX_BATCH_BYTES and count < len(items):
+                rest = items[count:] + ([control] if control is not None else [])
+                facade._queue.extendleft(reversed(rest))
+                return events, since, on_disk, None
+        return events, since, on_disk, control
 
     def _deliver(self, events: list) -> None:
         self.sender._deferred = False
@@ -2648,7 +2725,7 @@ class _Sender:
             if single:
                 path, body = "/api/events", pairs[0][1]
             else:
-                path, body = "/api/events/batch", '{"events":[%s]}' % ",".join(p[1] for p in pairs)
+                path, body = "/api/events/batch", '{"events":[%s]}' % ",".join(map(_LINE, pairs))
             started = _mono()
             self._request_deadline = started + timeout + 2.0
             try:
@@ -2798,6 +2875,9 @@ class _Sender:
     def _read_results(self, pairs: list, data: bytes, single: bool) -> tuple:
         """Count what the server acknowledged. Returns ``(to_retry, odd)``: ``odd`` describes
         an answer that is not an Argus answer (then nothing counts as delivered)."""
+        if not single and _all_acked(data, pairs):
+            self.delivered += len(pairs)
+            return [], None
         try:
             answer = _loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -3010,6 +3090,32 @@ class _Sender:
         return None
 
 
+_acked_results = None  # finds the results that acknowledge their event (see _all_acked)
+
+
+def _all_acked(data: bytes, pairs: list) -> bool:
+    """The usual batch answer, read without building it: True when the body looks like a
+    JSON object (``{`` ... ``]}``) and the objects in it that open with ``"event_id": <id>,
+    "status": "accepted"`` (or ``"deduplicated"``) name exactly the events of ``pairs``, in
+    order: the server's per-event results. A third of the CPU of parsing the answer and
+    reading each result. Any other answer (another layout or key order, a rejected event, a
+    result missing) is parsed and read result by result."""
+    global _acked_results
+    if _acked_results is None:
+        import re
+
+        _acked_results = re.compile(
+            r'\{"event_id": ?"(.{36})", ?"status": ?"(?:accepted|deduplicated)"'
+        ).findall  # (our ids are 36 characters: an id of another length is parsed)
+    try:
+        body = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+    if body[:1] != "{" or body[-2:] != "]}":
+        return False
+    return _acked_results(body) == [event_id for event_id, _ in pairs]
+
+
 class _Replayer:
     """Spill store -> server: the spill file claimed now, and when older spill files are due.
 
@@ -3114,6 +3220,28 @@ def _envelope_parts(etype: str, batch_id, job_id, source: str) -> tuple:
         '","batch_id":%s,"job_id":%s,"source":%s,"data":'
         % (_dumps_safe(batch_id), "null" if job_id is None else _dumps_safe(job_id), source),
     )
+
+
+_LINE = operator.itemgetter(1)  # an (event_id, line) pair's line
+_SIZE = operator.itemgetter(5)  # a queued record's size in bytes (0: not counted)
+
+
+def _as_queued(items: list) -> bool:
+    """Every item is a record as the caller queued it (six fields), none with a size."""
+    return set(map(len, items)) == {6} and not any(map(_SIZE, items))
+
+
+_MAX_DATA_FORMS = 32  # data templates kept per envelope (data under other keys: the encoder)
+
+
+def _data_form(envelope: tuple, data: dict) -> None:
+    """Keep a template for data under these keys, in this order, when every value is a
+    plain number: ``template % values``. %r writes an exact int or float as the JSON
+    encoder does (its repr); _encode checks that each value is one, and finite."""
+    if not all(type(k) is str and (type(v) is float or type(v) is int) for k, v in data.items()):
+        return
+    fields = ",".join("%s:%%r" % _dumps(key).replace("%", "%%") for key in data)
+    envelope[2][tuple(data)] = "{%s}" % fields
 
 
 def _line_id(line: str) -> str:
@@ -4221,8 +4349,11 @@ class _RequestsTransport:
 
     def __init__(self, base_url: str, token: str | None = None):
         import requests
+        from urllib3 import Timeout, exceptions
 
         self._requests = requests
+        self._timeout_cls = Timeout
+        self._unsent = (exceptions.ConnectTimeoutError, exceptions.SSLError)  # NewConnectionError too
         self.base_url = base_url
         self._session = requests.Session()
         self._session.headers.update({"User-Agent": _USER_AGENT, "Accept": "application/json"})
@@ -4243,50 +4374,80 @@ class _RequestsTransport:
             self._session.mount("http://", adapter)
             self._session.mount("https://", adapter)
         self._adapter = self._session.get_adapter(base_url)
-        self._prepared = {}  # (method, path, content type) -> a prepared request to copy
+        self._routes = {}  # (method, path, content type) -> (urllib3 pool, its URL, headers)
 
-    def _send_prepared(self, method: str, path: str, body, headers, timeout: float):
-        """A bytes body (every event request): a copy of a request prepared once, handed to
-        the adapter. Session.request would merge settings, run hooks and read cookies for
-        each request: half of the CPU that requests costs per request, all of it unused
-        here (the settings are fixed, redirects are not followed, the server sets no
-        cookies)."""
+    def _route(self, method: str, path: str, ctype):
+        """Where a bytes body goes: the urllib3 pool that the session's adapter keeps for
+        this URL, with its proxy and TLS settings (as HTTPAdapter.send would pick it), the
+        URL to ask it for, and the session's headers merged once."""
+        extra = {"Content-Type": ctype} if ctype else None
+        prepared = self._session.prepare_request(
+            self._requests.Request(method, self.base_url + path, headers=extra)
+        )
+        adapter = self._adapter
+        if hasattr(adapter, "get_connection_with_tls_context"):  # requests >= 2.32.2
+            pool = adapter.get_connection_with_tls_context(prepared, self._verify, self._proxies, None)
+        else:
+            pool = adapter.get_connection(prepared.url, self._proxies)
+        adapter.cert_verify(pool, prepared.url, self._verify, None)
+        return pool, adapter.request_url(prepared, self._proxies), dict(prepared.headers)
+
+    def _send_bytes(self, method: str, path: str, body, headers, timeout: float):
+        """A bytes body (every event request), straight to the adapter's urllib3 pool, the
+        answer read in one piece. Session.request and HTTPAdapter.send would merge settings,
+        run hooks, build a Response, read cookies and read the answer 10 KB at a time for
+        each request: two thirds of the CPU that requests costs per request, and nothing
+        this SDK uses (the settings are fixed, redirects are not followed, the server sets
+        no cookies)."""
         ctype = headers.get("Content-Type") if headers else None
         key = (method, path, ctype)
-        template = self._prepared.get(key)
-        if template is None:
-            if len(self._prepared) > 64:
-                self._prepared.clear()
-            extra = {"Content-Type": ctype} if ctype else None
-            template = self._session.prepare_request(
-                self._requests.Request(method, self.base_url + path, headers=extra)
-            )
-            self._prepared[key] = template
-        prepared = template.copy()
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) > 64:
+                self._routes.clear()
+            route = self._routes[key] = self._route(method, path, ctype)
+        pool, url, merged = route
+        merged = dict(merged)
         if body is not None:
-            prepared.body = body
-            prepared.headers["Content-Length"] = str(len(body))
-        return self._adapter.send(
-            prepared, timeout=(timeout, timeout), verify=self._verify, proxies=self._proxies
+            merged["Content-Length"] = str(len(body))
+        resp = pool.urlopen(
+            method,
+            url,
+            body=body,
+            headers=merged,
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=self._timeout_cls(connect=timeout, read=timeout),
+            preload_content=True,
+            decode_content=True,
         )
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.data
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 10.0):
         timeout = max(0.05, timeout)
         requests = self._requests
-        try:
-            if body is None or type(body) is bytes:
-                resp = self._send_prepared(method, path, body, headers, timeout)
-            else:  # an upload's streamed multipart body
-                resp = self._session.request(
-                    method,
-                    self.base_url + path,
-                    data=body,
-                    headers=headers,
-                    timeout=(timeout, timeout),
-                    verify=self._verify,
-                    allow_redirects=False,
-                    proxies=self._proxies,
+        if body is None or type(body) is bytes:
+            try:
+                return self._send_bytes(method, path, body, headers, timeout)
+            except Exception as exc:  # urllib3's errors, or a fault inside the library
+                self._routes.clear()  # a pool the adapter closed is looked up again
+                text = str(exc)
+                sent = not (
+                    isinstance(exc, self._unsent) or "NewConnectionError" in text or "Failed to establish" in text
                 )
+                raise _NetworkError(_short_cause(exc), sent=sent) from None
+        try:  # an upload's streamed multipart body
+            resp = self._session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=headers,
+                timeout=(timeout, timeout),
+                verify=self._verify,
+                allow_redirects=False,
+                proxies=self._proxies,
+            )
             data = resp.content
         except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
             raise _NetworkError(_short_cause(exc), sent=False) from None
@@ -4305,6 +4466,7 @@ class _RequestsTransport:
             _shutdown_socket(sock)
 
     def close(self) -> None:
+        self._routes.clear()
         try:
             self._session.close()
         except Exception:
@@ -4689,16 +4851,19 @@ def _meta_text(meta) -> str:
 
 
 _ids = []  # event ids made ahead, in bulk; emptied in a forked child
-_ID_BULK = 512
+_ID_BULK = 1024
 _ID_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
 _ID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
+# Where each of a UUID's 32 hex digits goes in its 37-character slot (36 and a space).
+_ID_COLUMNS = tuple(j + (j >= 8) + (j >= 12) + (j >= 16) + (j >= 20) for j in range(32))
 
 
 def _uuid4() -> str:
-    """A random (version 4) UUID, as text. Made _ID_BULK at a time from os.urandom: the
-    bit fixing and hex formatting run once per bulk in C, which costs a quarter of
-    ``str(uuid.uuid4())``. A user's random.seed() cannot repeat them, and a forked child
-    drops the parent's unused ones (see _after_fork_in_child)."""
+    """A random (version 4) UUID, as text. Made _ID_BULK at a time from os.urandom, with
+    every step in C: the bit fixing, the hex, and the layout, one strided copy per digit
+    position for the whole bulk (a tenth of ``str(uuid.uuid4())`` per id). A user's
+    random.seed() cannot repeat them, and a forked child drops the parent's unused ones
+    (see _after_fork_in_child)."""
     try:
         return _ids.pop()
     except IndexError:
@@ -4706,11 +4871,12 @@ def _uuid4() -> str:
     raw = bytearray(os.urandom(16 * _ID_BULK))
     raw[6::16] = raw[6::16].translate(_ID_V4)
     raw[8::16] = raw[8::16].translate(_ID_VARIANT)
-    hx = raw.hex()
-    made = [
-        "%s-%s-%s-%s-%s" % (hx[o : o + 8], hx[o + 8 : o + 12], hx[o + 12 : o + 16], hx[o + 16 : o + 20], hx[o + 20 : o + 32])
-        for o in range(0, 32 * _ID_BULK, 32)
-    ]
+    hx = raw.hex().encode("ascii")
+    text = bytearray(b"-" * (37 * _ID_BULK))
+    text[36::37] = b" " * _ID_BULK
+    for j, column in enumerate(_ID_COLUMNS):
+        text[column::37] = hx[j::32]
+    made = text.decode("ascii").split()
     event_id = made.pop()
     _ids.extend(made)  # list.extend and list.pop are atomic: threads may share the bulk
     return event_id

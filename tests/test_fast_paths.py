@@ -1,0 +1,160 @@
+"""The worker's fast paths give the same result as the careful paths they stand in for.
+
+- A line written by the data template (plain numbers under keys seen before) is, to the
+  byte, the line the JSON encoder writes; any other value takes the encoder's path.
+- The batch answer read without parsing acknowledges the events only when the server's
+  results name each of them, in order, as accepted or deduplicated; anything else is
+  parsed and read result by result.
+- Event ids made in bulk are version 4 UUIDs, all different.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import uuid
+
+import pytest
+
+import argus
+
+BIG = 10**300
+
+
+def _facade():
+    facade = argus.ExperimentReporter.__new__(argus.ExperimentReporter)
+    facade._envelopes = {}
+    facade._source_json = '{"project":"p%d","command":"python train.py --lr 1e-3"}'
+    return facade
+
+
+def _refuse(name):
+    raise ValueError("not strict JSON: %s" % name)
+
+
+def _without_id(line: str) -> str:
+    return line[49:]
+
+
+NUMBER_DATA = [
+    {"epoch": 0, "train_loss": 0.5, "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 7, "train_loss": 0.1 + 0.2, "val_loss": -0.0, "lr": 5e-324},
+    {"epoch": 2**63, "train_loss": 1e300, "val_loss": 123456789.125, "lr": 1.0},
+    {"epoch": -1, "train_loss": BIG, "val_loss": 2.5e-8, "lr": 0.0},
+]
+OTHER_DATA = [  # the same keys, values the template must not write
+    {"epoch": True, "train_loss": 0.5, "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 1, "train_loss": float("nan"), "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 1, "train_loss": float("inf"), "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 1, "train_loss": 1e308, "val_loss": 1e308, "lr": 1e-3},  # sums to inf: finite values
+    {"epoch": 1, "train_loss": "0.5", "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 1, "train_loss": None, "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 1, "train_loss": [0.5], "val_loss": 0.6, "lr": 1e-3},
+    {"epoch": 10**5000, "train_loss": 0.5, "val_loss": 0.6, "lr": 1e-3},  # too long for str()
+    {"epoch": 10**5000, "train_loss": 0.5, "val_loss": 0.6, "lr": 1.5},  # int + float overflows
+]
+
+
+@pytest.mark.parametrize("keys", [
+    ("epoch", "train_loss", "val_loss", "lr"),
+    ("epoch", "100%", 'a "quoted" key', "k\u00e9y"),  # % and quotes in a key, non-ASCII
+], ids=["plain", "odd-keys"])
+def test_the_data_template_writes_what_the_json_encoder_writes(keys):
+    facade = _facade()
+    envelope_of = ("job_epoch", "batch-%s", "job-%d")  # % in the envelope must stay literal
+    now = time.time()
+    for data in NUMBER_DATA + OTHER_DATA + NUMBER_DATA:
+        data = dict(zip(keys, data.values()))
+        record = envelope_of + (now, data, 0)
+        careful = facade._encode(record)[1]
+        fast = facade._encode_batch([record])[0][1]
+        assert _without_id(fast) == _without_id(careful), data
+        event = json.loads(fast, parse_constant=_refuse)  # strict JSON, whatever the values
+        assert event["event_type"] == "job_epoch" and event["batch_id"] == "batch-%s"
+    # Plain numbers really went through a template (not the encoder every time).
+    assert tuple(keys) in facade._envelopes[envelope_of][2]
+
+
+def test_the_template_and_the_encoder_agree_on_random_numbers():
+    import random
+
+    rng = random.Random(7)
+    facade = _facade()
+    for _ in range(3000):
+        data = {"epoch": rng.randrange(-10**20, 10**20), "x": rng.uniform(-1e6, 1e6),
+                "y": rng.random() * 10 ** rng.randrange(-300, 300), "z": float(rng.randrange(10**6))}
+        record = ("job_epoch", "b", "j", time.time(), data, 0)
+        facade._encode(record)  # the first of these keys registers the template
+        fast = facade._encode_batch([record])[0][1]
+        assert json.loads(fast)["data"] == data
+        assert _without_id(fast) == _without_id(facade._encode(record)[1])
+
+
+def _answer(ids, statuses=None, compact=False, **extra):
+    statuses = statuses or ["accepted"] * len(ids)
+    body = {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected"),
+            "results": [{"event_id": i, "status": s, "db_id": n, "error": None}
+                        for n, (i, s) in enumerate(zip(ids, statuses))]}
+    body.update(extra)
+    return json.dumps(body, separators=(",", ":") if compact else None).encode()
+
+
+def test_the_unparsed_answer_acknowledges_only_what_the_server_acknowledged():
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    pairs = [(i, "{}") for i in ids]
+    assert argus._all_acked(_answer(ids), pairs)
+    assert argus._all_acked(_answer(ids, compact=True), pairs)  # the real server's layout
+    assert argus._all_acked(_answer(ids, ["accepted", "deduplicated"] * 2 + ["accepted"]), pairs)
+    refused = [
+        _answer(ids, ["accepted"] * 4 + ["rejected"]),  # one rejected
+        _answer(ids[:4]),  # one missing
+        _answer(ids[1:] + ids[:1]),  # out of order
+        _answer(ids[:2] + ids[3:] + [ids[2]]),
+        _answer(ids + [str(uuid.uuid4())]),  # one more than sent
+        _answer(ids)[:-2],  # not a whole object
+        b"<html>" + _answer(ids) + b"</html>",  # a page around it
+        json.dumps({"events": [json.loads(argus_line(i)) for i in ids]}).encode(),  # our body, echoed
+        _answer(ids).replace(b"accepted", b"queued"),
+        b"\xff" + _answer(ids),
+    ]
+    for body in refused:
+        assert not argus._all_acked(body, pairs), body[:80]
+
+
+def argus_line(event_id: str) -> str:
+    return json.dumps({"event_id": event_id, "schema_version": "1.1", "event_type": "job_epoch",
+                       "data": {"status": "accepted"}}, separators=(",", ":"))
+
+
+def test_a_result_with_another_key_order_is_read_by_parsing(monkeypatch):
+    """The fast path says no; the careful one still counts every event delivered."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    pairs = [(i, "{}") for i in ids]
+    body = json.dumps({"results": [{"status": "accepted", "event_id": i} for i in ids]}).encode()
+    assert not argus._all_acked(body, pairs)
+    sender = argus._Sender.__new__(argus._Sender)
+    sender.delivered = 0
+    assert sender._read_results(pairs, body, False) == ([], None)
+    assert sender.delivered == 3
+
+
+def test_event_ids_made_in_bulk_are_distinct_version_4_uuids():
+    pattern = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+    del argus._ids[:]
+    made = [argus._uuid4() for _ in range(3 * argus._ID_BULK + 5)]
+    assert len(set(made)) == len(made)
+    for event_id in made:
+        assert pattern.match(event_id), event_id
+        parsed = uuid.UUID(event_id)
+        assert str(parsed) == event_id and parsed.version == 4
+    # Every hex digit position takes many values: no column is copied from a fixed place.
+    for column in range(36):
+        if column in (8, 13, 14, 18, 23):
+            continue
+        assert len({event_id[column] for event_id in made}) >= 8 if column != 19 else 4, column
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
