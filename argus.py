@@ -2412,9 +2412,13 @@ class _Worker:
             nbytes += len(line)
             if nbytes >= MAX_BATCH_BYTES:
                 break
-        rest = items[count:] + ([control] if control is not None else [])
-        self.facade._queue.extendleft(reversed(rest))
+        self._put_back(items[count:], control)
         return events[:count]
+
+    def _put_back(self, items: list, control) -> None:
+        """Items taken past MAX_BATCH_BYTES, and the control taken after them, back to the
+        front of the queue, in their order."""
+        self.facade._queue.extendleft(reversed(items + ([control] if control is not None else [])))
 
     def _take_each(self, items: list, control) -> tuple:
         """_take for a batch with events encoded earlier (a 429 or an outage put them back),
@@ -2442,8 +2446,7 @@ class _Worker:
             events.append(pair)
             nbytes += len(pair[1])
             if nbytes >= MAX_BATCH_BYTES and count < len(items):
-                rest = items[count:] + ([control] if control is not None else [])
-                facade._queue.extendleft(reversed(rest))
+                self._put_back(items[count:], control)
                 return events, since, on_disk, None
         return events, since, on_disk, control
 
@@ -3237,8 +3240,10 @@ _MAX_DATA_FORMS = 32  # data templates kept per envelope (data under other keys:
 def _data_form(envelope: tuple, data: dict) -> None:
     """Keep a template for data under these keys, in this order, when every value is a
     plain number: ``template % values``. %r writes an exact int or float as the JSON
-    encoder does (its repr); _encode checks that each value is one, and finite."""
+    encoder does (its repr); _encode_batch checks that each value is one, and finite.
+    Other data keeps None for its keys, so that they are looked at once, not per event."""
     if not all(type(k) is str and (type(v) is float or type(v) is int) for k, v in data.items()):
+        envelope[2][tuple(data)] = None
         return
     fields = ",".join("%s:%%r" % _dumps(key).replace("%", "%%") for key in data)
     envelope[2][tuple(data)] = "{%s}" % fields
