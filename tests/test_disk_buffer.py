@@ -269,7 +269,12 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     # The open journal was written through a shared map, allocated ahead: SIGKILL left it
     # at its allocated length, zeros after the last line. A reader must not take them for
     # a line (they went to the dead-letter file, and the run's last events with them).
-    assert any(f.endswith(b"\0\0\0\0") and b"\n\0" in f for f in files) or sys.platform != "linux", [(len(f), f[-30:]) for f in files]
+    mapped = [f for f in files if f.endswith(b"\0\0\0\0")]
+    assert mapped or sys.platform != "linux", [(len(f), f[-30:]) for f in files]
+    # The kill can land inside the copy of a line into the map (a page fault on the next
+    # page lets it in): that line's call had not returned. It is the one line a reader may
+    # set aside, as unreadable, and only as the last line of its file.
+    torn = [f.rstrip(b"\0").rsplit(b"\n", 1)[-1].decode() for f in mapped if not f.rstrip(b"\0").endswith(b"\n")]
     saved = on_disk(spill_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "argus", "sync", "--url", fake.url, "--retarget"],
@@ -287,7 +292,9 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
         assert event["source"]["project"] and event["batch_id"] == "kill-1"
     assert fake.duplicates == 0
     assert not on_disk(spill_dir)
-    assert not (spill_dir / "deadletter.jsonl").exists()
+    dead = spill_dir / "deadletter.jsonl"
+    set_aside = [json.loads(ln)["event"] for ln in dead.read_text().splitlines()] if dead.exists() else []
+    assert set_aside == torn, (set_aside, torn)
 
 
 def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_marshal(fake, spill_dir):
