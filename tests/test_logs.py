@@ -398,8 +398,18 @@ def test_console_capture_is_a_tee_the_output_is_byte_identical(fake, tmp_path):
     assert {e["batch_id"] for e in lines} == {"capture-on"}  # capture off sends nothing
 
 
+def capture_story(fake, out) -> str:
+    """What arrived, request by request, and what argus said: for a failed order check."""
+    with fake.lock:
+        events = [(e["batch_id"], e["job_id"], e["event_type"], e["data"].get("line")) for e in fake.events.values()]
+        requests = list(fake.requests)
+    said = [ln for ln in out.stderr.decode(errors="replace").replace("\r", "\n").split("\n") if "argus" in ln]
+    shown = [e for e in events if not (e[3] and "/10000" in e[3])]
+    return "events (bar states left out): %r\nrequests: %r\nargus on stderr: %r" % (shown, requests, said[-20:])
+
+
 def test_console_capture_sends_the_jobs_lines_and_a_bars_final_state(fake, tmp_path):
-    _, elapsed = run_capture_script(fake, tmp_path, "capture-lines", "1")
+    out, elapsed = run_capture_script(fake, tmp_path, "capture-lines", "1")
     lines = log_lines(fake, "train")
     bar = [(level, line) for level, line in lines if "|" in line and "/10000" in line]
     assert [pair for pair in lines if pair not in bar] == [
@@ -410,7 +420,7 @@ def test_console_capture_sends_the_jobs_lines_and_a_bars_final_state(fake, tmp_p
         ("info", "w1"),
         ("info", "w2"),
         ("info", "no newline at the end"),  # the unfinished line, at the end of the job
-    ]
+    ], capture_story(fake, out)
     # 10,000 redraws of the bar: its state at most once a second, then its final state.
     assert 1 <= len(bar) <= int(elapsed) + 2, (len(bar), elapsed)
     assert bar[-1] == ("warning", "100%|" + bar[-1][1][5:]) and bar[-1][1].endswith("| 10000/10000")
