@@ -3804,11 +3804,15 @@ class SpillStore:
         except OSError as exc:
             _log("error", "argus: cannot write the dead-letter file: %s", exc)
         self.rejected += len(entries)
+        # Lines of a spill file that cannot be read (one cut short by a kill or a full disk)
+        # never reached the server: say so, not that it refused them.
+        what = "could not read" if entries[0]["status"] == "malformed" else "the server rejected"
         _log_once(
             "dead-letter:" + self.directory,
             "error",
-            "argus: the server rejected %d event(s) (%s %s); they are kept in %s and not "
-            "retried. Later rejections are counted there without another log line.",
+            "argus: %s %d event(s) (%s %s); they are kept in %s and not retried. Later ones are "
+            "counted there without another log line.",
+            what,
             len(entries),
             entries[0]["status"],
             entries[0]["error"],

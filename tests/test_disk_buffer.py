@@ -297,7 +297,7 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     assert set_aside == torn, (set_aside, torn)
 
 
-def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_marshal(fake, spill_dir):
+def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_marshal(fake, spill_dir, caplog):
     """A compact journal line carries a CRC-32 of its marshal: a line cut short by a full
     disk, or with flipped bytes, must not be handed to marshal (a wrong element count in a
     marshal can make it allocate gigabytes) nor become an event that is not the one
@@ -319,6 +319,8 @@ def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_m
     letters = [json.loads(x) for x in (spill_dir / "deadletter.jsonl").read_text().splitlines()]
     line("damaged compact lines", delivered=len(fake.events), dead_letters=len(letters))
     assert len(letters) == 2
+    said = caplog.text  # lines that never reached the server are not said to be refused by it
+    assert "argus: could not read 2 event(s) (malformed" in said and "server rejected" not in said, said
 
 
 def _spilled_lines(directory: Path) -> list:
