@@ -2802,7 +2802,10 @@ class _Sender:
                     self.facade.spill.dead_letter([(pairs[0][1], status, _error_text(data))])
                     return []
                 half = len(pairs) // 2  # isolate the bad events so that the good ones still go
-                return self._send(pairs[:half], attempts) + self._send(pairs[half:], attempts)
+                head = self._send(pairs[:half], attempts)
+                if head:  # the first half was not delivered: nothing after it may overtake it
+                    return head + pairs[half:]
+                return self._send(pairs[half:], attempts)
             elif status in (401, 403, 404):
                 self._mark_refused(status, data)
                 return pairs

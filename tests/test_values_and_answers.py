@@ -522,3 +522,27 @@ def test_secrets_on_the_command_line_never_reach_the_server(fake, spill_dir, tmp
     assert len(fake.events) == 5
     assert leaked == []
     assert "train.py" in command and "--wandb-key" in command  # the command is still there
+
+
+# --- a batch split to find a bad event ----------------------------------------------------
+
+
+def test_a_batch_split_after_a_422_sends_nothing_after_a_half_that_was_not_delivered(fake, spill_dir, monkeypatch):
+    """A 422 for a batch splits it in halves to find the bad event. When the first half
+    then fails (the server goes down), the second half must wait with it: sent alone, it
+    would be stored first, and a job_done before its job_start leaves the job RUNNING."""
+    monkeypatch.setattr(argus, "RETRY_BASE_S", 0.01)
+    fake.script = [422] + [503] * argus.RETRY_ATTEMPTS  # the batch, then every try of its first half
+    with argus.Reporter(monitor_url=fake.url, batch_id="split-1", **QUIET) as r:
+        with r.job("j") as job:
+            for i in range(10):
+                job.epoch(i)
+    first_run = [(e["event_type"], e["data"].get("epoch")) for e in fake.events.values()]
+    assert argus.main(["sync", "--url", fake.url]) == 0  # what the run kept, sent now
+    arrived = [(e["event_type"], e["data"].get("epoch")) for e in fake.events.values()]
+    line("422 split, first half down", emitted=len(arrived), first_run=len(first_run),
+         delivered=len(fake.events), on_disk=len(on_disk(spill_dir)))
+    assert arrived == [("batch_start", None), ("job_start", None)] + [("job_epoch", i) for i in range(10)] + [
+        ("job_done", None), ("batch_done", None)]
+    assert [n for _, _, n in fake.requests[:2]] == [-422, -503]  # the split happened as scripted
+    assert not on_disk(spill_dir)
