@@ -2564,9 +2564,7 @@ class _Worker:
                 _log_once("guard:%d" % id(self), "error", "argus: the spill guard hit an error: %r", exc)
 
     def _guard_tick(self) -> None:
-        deadline = self.sender._request_deadline
-        if deadline is not None and _mono() > deadline and self.sender._transport is not None:
-            self.sender._transport.abort()
+        self.sender._abort_if_late()
         if self.facade._offline or _mono() < self._disk_retry_at:
             return
         oldest = self._oldest_unacked()
@@ -2643,7 +2641,8 @@ class _Sender:
         self._deferred = False  # the last live send was put off by a 429
         self._defer_own = False  # replaying this run's backlog: a 429 gives the chunk back
         self._drain_probe = False  # closing while backing off: one request, no retries
-        self._request_deadline = None
+        self._request_deadline = None  # cleared under _deadline_lock (see _abort_if_late)
+        self._deadline_lock = threading.Lock()
         self._down_until = 0.0
         self._fails = 0
         self._auth_fails = 0
@@ -2690,6 +2689,16 @@ class _Sender:
             return timeout
         left = self.worker._deadline - _mono()
         return min(timeout, left) if left > 0.01 else None
+
+    def _abort_if_late(self) -> None:
+        """From the guard thread: end the request in flight if it is past its overall
+        deadline. The check and the abort hold the lock that the request's end takes to
+        clear the deadline, so a request that ends meanwhile is never mistaken for the next
+        one on the same connection (which the abort would cut)."""
+        with self._deadline_lock:
+            deadline = self._request_deadline
+            if deadline is not None and _mono() > deadline and self._transport is not None:
+                self._transport.abort()
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; False when that would pass the close deadline (the caller spills)."""
@@ -2741,7 +2750,8 @@ class _Sender:
                 problem = None if 200 <= status < 300 else "HTTP %d %s" % (status, _error_text(data))
                 self._last_activity = _mono()
             finally:
-                self._request_deadline = None
+                with self._deadline_lock:
+                    self._request_deadline = None
             elapsed = _mono() - started
             self._linger_until = _mono() + LINGER_S
             if self._pace_gap and status != 429 and self.worker._state is _OPEN:

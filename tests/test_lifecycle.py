@@ -550,6 +550,61 @@ def test_events_in_flight_when_close_gives_up_on_the_server_are_kept_on_disk(slo
     assert epochs(kept, "train") == list(range(10))
 
 
+def test_the_guard_cuts_only_the_late_request_never_the_next_one(fake, spill_dir, monkeypatch):
+    """The guard reads a request's deadline, then aborts its socket. If the late request
+    ended between the two steps and the next one began on the same connection, the abort
+    cut that next one, which then had to be sent again. Here the late request ends, and
+    the next is sent, at exactly that moment: the abort must still be the late one's."""
+    facade = argus.ExperimentReporter(fake.url, "late", batch_id="late-1", _worker=False)
+    sender = facade.sender
+    started = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    aborted = []
+
+    class Transport:  # each request waits to be released, as a slow server's would
+        name = "scripted"
+        calls = 0
+
+        def request(self, method, path, body=None, headers=None, timeout=10.0):
+            n, Transport.calls = Transport.calls, Transport.calls + 1
+            started[n].set()
+            release[n].wait(10)
+            return 200, {}, b'{"accepted": true, "event_id": %d, "deduplicated": false}' % n
+
+        def abort(self):
+            aborted.append(Transport.calls)  # how many requests had begun by then
+
+        def close(self):
+            pass
+
+    sender._transport = Transport()
+    pairs = [(argus._uuid4(), "{}") for _ in range(2)]
+    unsent = []
+    sending = threading.Thread(target=lambda: unsent.extend(sender._send([p], 1) for p in pairs))
+    sending.start()
+    assert started[0].wait(10)  # the first request is in flight, its deadline set
+    real_mono, once = argus._mono, []
+
+    def mono():  # the guard's clock, read between its look at the deadline and the abort
+        if threading.current_thread() is guard and not once:
+            once.append(1)
+            release[0].set()  # the late request ends now...
+            started[1].wait(0.5)  # ...and the next one begins, unless the guard holds it off
+            return real_mono() + 1e6  # past any deadline
+        return real_mono()
+
+    monkeypatch.setattr(argus, "_mono", mono)
+    guard = threading.Thread(target=facade.worker._guard_tick)
+    guard.start()
+    guard.join(10)
+    release[1].set()
+    sending.join(10)
+    monkeypatch.undo()
+    facade.close(1)
+    assert once and aborted == [1], aborted  # the abort reached the late request only
+    assert unsent == [[], []] and sender.delivered == 2
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts sockets in /proc")
 def test_a_slowloris_server_leaves_no_thread_or_socket_behind_after_the_deadline(slowloris, spill_dir, tmp_path):
     """Issue 10: no request had an overall deadline; a server trickling its answer left 7-9
