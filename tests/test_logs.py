@@ -344,7 +344,7 @@ def test_log_handler_is_a_logging_handler_made_without_importing_logging_at_impo
 # --- console capture ----------------------------------------------------------------------
 
 CAPTURE_SCRIPT = r"""
-import sys, time, argus
+import os, sys, time, argus
 from tqdm import tqdm
 
 batch_id, elapsed_file = sys.argv[1], sys.argv[2]
@@ -370,6 +370,10 @@ with argus.Reporter(batch_id=batch_id, heartbeat=False, stop_polling=False, reso
         pass
 with open(elapsed_file, "w") as f:
     f.write(repr(elapsed))
+with open(elapsed_file + ".diag", "w") as f:  # for a failed order check: which path was taken
+    store = r._sender.spill
+    f.write("spilled %d, failures %d, delivered %d, lost %d, files left %r" % (
+        store.spilled, store.failures, r._sender.delivered, r._sender.lost, sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []))
 print("after the batch")
 """
 
@@ -398,14 +402,16 @@ def test_console_capture_is_a_tee_the_output_is_byte_identical(fake, tmp_path):
     assert {e["batch_id"] for e in lines} == {"capture-on"}  # capture off sends nothing
 
 
-def capture_story(fake, out) -> str:
+def capture_story(fake, out, diag_file=None) -> str:
     """What arrived, request by request, and what argus said: for a failed order check."""
     with fake.lock:
         events = [(e["batch_id"], e["job_id"], e["event_type"], e["data"].get("line")) for e in fake.events.values()]
         requests = list(fake.requests)
     said = [ln for ln in out.stderr.decode(errors="replace").replace("\r", "\n").split("\n") if "argus" in ln]
     shown = [e for e in events if not (e[3] and "/10000" in e[3])]
-    return "events (bar states left out): %r\nrequests: %r\nargus on stderr: %r" % (shown, requests, said[-20:])
+    diag = open(diag_file).read() if diag_file and os.path.exists(diag_file) else "?"
+    return "events (bar states left out): %r\nrequests: %r\nargus on stderr: %r\nthe run's spill store: %s" % (
+        shown, requests, said[-20:], diag)
 
 
 def test_console_capture_sends_the_jobs_lines_and_a_bars_final_state(fake, tmp_path):
@@ -420,7 +426,7 @@ def test_console_capture_sends_the_jobs_lines_and_a_bars_final_state(fake, tmp_p
         ("info", "w1"),
         ("info", "w2"),
         ("info", "no newline at the end"),  # the unfinished line, at the end of the job
-    ], capture_story(fake, out)
+    ], capture_story(fake, out, tmp_path / "elapsed-capture-lines.diag")
     # 10,000 redraws of the bar: its state at most once a second, then its final state.
     assert 1 <= len(bar) <= int(elapsed) + 2, (len(bar), elapsed)
     assert bar[-1] == ("warning", "100%|" + bar[-1][1][5:]) and bar[-1][1].endswith("| 10000/10000")
