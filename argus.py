@@ -2379,7 +2379,10 @@ class _Worker:
         limit = self.sender._batch_limit
         facade = self.facade
         with self._lock:
-            if self._abandoned:
+            if self._abandoned or self._disk_mode:
+                # Disk mode began since the loop looked (the guard wrote the queue to disk
+                # while this thread waited for the lock): what queued after it follows it
+                # through disk, or it would reach the server first.
                 return [], None
             queue = facade._queue
             popleft = queue.popleft

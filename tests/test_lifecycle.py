@@ -605,6 +605,39 @@ def test_the_guard_cuts_only_the_late_request_never_the_next_one(fake, spill_dir
     assert unsent == [[], []] and sender.delivered == 2
 
 
+def test_events_queued_while_the_guard_writes_the_queue_to_disk_follow_it_there(fake, spill_dir, monkeypatch):
+    """The worker saw disk mode off and waited for the lock; the guard held it, wrote the
+    queue to disk (disk mode on) and let go; the program queued one more event meanwhile.
+    That event must follow the others through disk. Taken live, it reached the server
+    before them (CI saw a job's lines stored after its job_done this way)."""
+    facade = argus.ExperimentReporter(fake.url, "race", batch_id="race-1")
+    worker = facade.worker
+    real_take, raced = argus._Worker._take, []
+
+    def take(self):
+        if self is worker and not raced and self.facade._queue:
+            raced.append(1)
+
+            def guard_writes():  # as _guard_tick does, for an event a second old
+                with worker._lock:
+                    worker._journal_locked()
+
+            guard = threading.Thread(target=guard_writes)
+            guard.start()
+            guard.join(10)
+            facade.job_epoch("train", 5, train_loss=0.5)  # the program, meanwhile
+        return real_take(self)
+
+    monkeypatch.setattr(argus._Worker, "_take", take)
+    for i in range(5):
+        facade.job_epoch("train", i, train_loss=0.5)
+    assert wait_until(lambda: raced, 10)
+    facade.close(10)
+    arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    assert arrived == [0, 1, 2, 3, 4, 5], (arrived, fake.requests)
+    assert facade.spill.spilled == 6 and on_disk(spill_dir) == {}  # all six went through disk
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts sockets in /proc")
 def test_a_slowloris_server_leaves_no_thread_or_socket_behind_after_the_deadline(slowloris, spill_dir, tmp_path):
     """Issue 10: no request had an overall deadline; a server trickling its answer left 7-9
