@@ -344,8 +344,34 @@ def test_log_handler_is_a_logging_handler_made_without_importing_logging_at_impo
 # --- console capture ----------------------------------------------------------------------
 
 CAPTURE_SCRIPT = r"""
-import os, sys, time, argus
+import os, sys, time, threading, argus
 from tqdm import tqdm
+
+# What the delivery core did, step by step: printed with a failed order check.
+trace, t00 = [], time.monotonic()
+def traced(cls, name, what):
+    inner = getattr(cls, name)
+    def wrapper(self, *args, **kwargs):
+        worker = getattr(self, "worker", None) or self
+        before = (worker._disk_mode, len(worker.facade._queue))
+        result = inner(self, *args, **kwargs)
+        trace.append("%.3f %s %s %s -> %s mode %s->%s queue %d->%d" % (
+            time.monotonic() - t00, threading.current_thread().name, name, what(args, kwargs), str(result)[:60],
+            before[0], worker._disk_mode, before[1], len(worker.facade._queue)))
+        return result
+    setattr(cls, name, wrapper)
+traced(argus._Worker, "_journal_locked", lambda a, k: "")
+traced(argus._Worker, "_queue_to_disk", lambda a, k: "")
+traced(argus._Worker, "_disk_step", lambda a, k: "")
+traced(argus._Worker, "_deliver", lambda a, k: "%d events" % len(a[0]))
+traced(argus._Replayer, "_replay_once", lambda a, k: repr(sorted(k)))
+traced(argus._Worker, "_take", lambda a, k: "")
+imports = argus._worker_imports
+def timed_imports(url):
+    trace.append("%.3f worker imports start" % (time.monotonic() - t00))
+    imports(url)
+    trace.append("%.3f worker imports end" % (time.monotonic() - t00))
+argus._worker_imports = timed_imports
 
 batch_id, elapsed_file = sys.argv[1], sys.argv[2]
 print("before the batch")
@@ -374,6 +400,7 @@ with open(elapsed_file + ".diag", "w") as f:  # for a failed order check: which 
     store = r._sender.spill
     f.write("spilled %d, failures %d, delivered %d, lost %d, files left %r" % (
         store.spilled, store.failures, r._sender.delivered, r._sender.lost, sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []))
+    f.write("\n" + "\n".join(trace))
 print("after the batch")
 """
 
