@@ -957,7 +957,9 @@ def test_the_spill_cap_is_checked_again_once_a_replay_has_made_room(fake, spill_
     assert 0 < in_first_sync < 200  # the cap did bite during the first phase
     assert got == list(range(len(got)))  # oldest first: nothing skipped, nothing out of order
     assert len(got) > in_first_sync + 20  # room made by the sync was used
-    assert refused and refused[-1] == 224 - len(fake.events)  # (224: with the 4 lifecycle events)
+    # What was not delivered in the end was refused and said (224: with the 4 lifecycle
+    # events). When the first sync took many (it runs beside the writer), all may fit.
+    assert (refused[-1] if refused else 0) == 224 - len(fake.events)
 
 
 def test_a_spill_file_replaced_under_a_replayer_is_not_replayed_from_its_old_copy(fake, spill_dir, monkeypatch):
