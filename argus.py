@@ -2522,16 +2522,18 @@ class _Worker:
                 return True
         return bool(self.facade._queue)
 
-    def _queue_to_disk(self):
-        """Move queued events up to the first upload or flush marker to disk; return it."""
+    def _queue_to_disk(self, take_control: bool = True):
+        """Move queued events up to the first upload or flush marker to disk; return it
+        (taken from the queue), or leave it at the queue's head when not ``take_control``."""
         with self._lock:
             queue = self.facade._queue
             pairs, control = [], None
             while queue:
-                item = queue.popleft()
-                if type(item) is not tuple:
-                    control = item
+                if type(queue[0]) is not tuple:
+                    if take_control:
+                        control = queue.popleft()
                     break
+                item = queue.popleft()
                 if len(item) == 3:
                     if not item[2]:
                         pairs.append((item[0], item[1]))
@@ -2671,7 +2673,7 @@ class _Sender:
         self.facade._idle = False
         self.worker._stop_evt.wait(min(gap, 0.25))
         if self.worker._disk_mode:
-            self.worker._queue_to_disk()
+            self.worker._queue_to_disk(take_control=False)  # an upload queued meanwhile waits its turn
         return True
 
     def _up(self) -> bool:
@@ -3168,7 +3170,7 @@ class _Replayer:
             if outcome == "unsent" or not until_empty:
                 return True
             if self.facade._queue and type(self.facade._queue[0]) is tuple:
-                self.worker._queue_to_disk()
+                self.worker._queue_to_disk(take_control=False)  # a control behind them: its turn comes
         return sent_any
 
     def _replay_step(self) -> None:

@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import re
+import sys
+import threading
 import time
 
 import pytest
 
 import argus
-from conftest import free_port, serve_ingest
+from conftest import free_port, serve_ingest, wait_until
 
 
 def quiet_reporter(url, **kwargs):
@@ -408,3 +410,83 @@ def test_uploads_without_a_server_or_after_close_return_nothing(fake, tmp_path, 
     )
     with pytest.raises(RuntimeError, match="context manager"):
         argus.Reporter(monitor_url=fake.url).job("j").upload(plot)
+
+
+# -- uploads and flushes queued while the run is in disk mode -----------------------------
+
+
+def test_an_upload_queued_during_the_linger_while_disk_mode_begins_is_uploaded(fake, spill_dir, tmp_path, monkeypatch):
+    """The worker waits out the linger; meanwhile the program queues an upload, and the guard
+    writes the queue to disk (disk mode on). At the end of the wait, what queued goes to
+    disk: the upload must stay queued for its turn, not be taken with the events and
+    dropped (job_artifact then waited out its timeout, and nothing was uploaded)."""
+    monkeypatch.setattr(argus, "UPLOAD_WAIT_S", 8.0)
+    png = write(tmp_path / "plot.png")
+    facade = argus.ExperimentReporter(fake.url, "linger", batch_id="linger-1")
+    worker, raced, result = facade.worker, [], {}
+
+    class Linger(threading.Event):  # the worker's wait in _pacing, with the race inside it
+        def wait(self, timeout=None):
+            if sys._getframe(1).f_code.co_name == "_pacing" and not raced:
+                raced.append(1)
+                uploading = threading.Thread(target=lambda: result.update(art=facade.job_artifact("j", png)))
+                uploading.start()
+                result["thread"] = uploading
+                assert wait_until(lambda: any(type(i) is argus._Upload for i in facade._queue), 5)
+                with worker._lock:  # the guard, for an event a second old
+                    worker._journal_locked()
+                return super().wait(0)
+            return super().wait(timeout)
+
+    worker._stop_evt = Linger()
+    facade.job_start("j")
+    facade.job_epoch("j", 0, train_loss=0.5)
+    assert wait_until(lambda: raced, 10)
+    result["thread"].join(15)
+    assert facade.flush(5)
+    facade.close(5)
+    assert result.get("art") is not None and len(fake.artifacts) == 1
+    assert [e["event_type"] for e in fake.events.values()] == ["job_start", "job_epoch"]
+    assert worker._controls == 0
+
+
+def test_a_second_upload_queued_while_the_backlog_replays_before_the_first_is_uploaded(fake, spill_dir, tmp_path, monkeypatch):
+    """Disk mode, an upload at the head of the queue: its events on disk are replayed first.
+    Meanwhile the program queues an event and a second upload. The event follows the
+    backlog through disk; the second upload must keep its place behind it (it was taken
+    with the event and dropped)."""
+    monkeypatch.setattr(argus, "UPLOAD_WAIT_S", 8.0)
+    png = write(tmp_path / "plot.png")
+    facade = argus.ExperimentReporter(fake.url, "replay", batch_id="replay-1")
+    worker, replayer, result = facade.worker, facade.replayer, {}
+    assert wait_until(lambda: replayer._replay_due is None, 10)  # the start's look at old spill files
+
+    def upload(name):
+        thread = threading.Thread(target=lambda: result.update({name: facade.job_artifact("j", png, label=name)}))
+        thread.start()
+        return thread
+
+    real_once, raced = replayer._replay_once, []
+
+    def replay_once(**kwargs):
+        if not raced:
+            raced.append(1)
+            facade.job_epoch("j", 1, train_loss=0.5)  # the program, meanwhile
+            result["second thread"] = upload("second")
+            assert wait_until(lambda: len(facade._queue) == 2, 5)
+        return real_once(**kwargs)
+
+    monkeypatch.setattr(replayer, "_replay_once", replay_once)
+    with worker._lock:  # the guard wrote the events before the first upload to disk
+        facade.job_start("j")
+        facade.job_epoch("j", 0, train_loss=0.5)
+        first = upload("first")
+        assert wait_until(lambda: any(type(i) is argus._Upload for i in facade._queue), 5)
+        worker._journal_locked()
+    first.join(15)
+    result["second thread"].join(15)
+    facade.close(5)
+    assert result.get("first") is not None and result.get("second") is not None
+    assert len(fake.artifacts) == 2 and worker._controls == 0
+    assert [(e["event_type"], e["data"].get("epoch")) for e in fake.events.values()] == [
+        ("job_start", None), ("job_epoch", 0), ("job_epoch", 1)]
