@@ -3191,7 +3191,7 @@ class _Replayer:
         claim = self._claim
         if claim is None:
             self.facade.spill.rotate()
-            claim = self._claim = self.facade.spill.claim_next(**claim_args)
+            claim = self._claim = self.facade.spill.claim_next(in_order=claim_args.get("own_only", False), **claim_args)
             if claim is None:
                 return "empty"
         pairs = claim.next_chunk(self.sender._batch_limit, self.worker._acked)
@@ -3204,7 +3204,7 @@ class _Replayer:
         claims = [(claim, pairs)]
         spill, limit = self.facade.spill, self.sender._batch_limit
         while claim_args.get("own_only") and not claims[-1][0].left() and len(pairs) < limit:
-            more = spill.claim_next(skip={c.path for c, _ in claims}, own_only=True)
+            more = spill.claim_next(skip={c.path for c, _ in claims}, own_only=True, in_order=True)
             if more is None:
                 break
             chunk = more.next_chunk(limit - len(pairs), self.worker._acked)
@@ -3868,27 +3868,35 @@ class SpillStore:
         found.sort()
         return found
 
-    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
+    def claim_next(self, skip=(), match=None, own_only: bool = False, in_order: bool = False) -> _Claim | None:
         """Claim the oldest unclaimed spill file, or return None when there is none.
 
         ``match(claim)`` decides whether a file is for us (a file without a header,
         written by an older version, has the destination None); ``own_only`` takes only
-        files this store wrote, oldest first: the backlog of this run.
+        files this store wrote, oldest first: the backlog of this run. ``in_order``: None
+        at the first of those that cannot be claimed now (the open file, or one that
+        another process replays): a newer one must not reach the server before it.
         """
         candidates = self._candidates()
         if own_only:
             own = set(self.own)
             candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
         for mtime, name, path, size in candidates:
-            if path in skip or path == self._path:
+            if path in skip:
+                continue
+            if path == self._path:
+                if in_order:
+                    return None
                 continue
             try:
                 fd = os.open(path, os.O_RDWR)
             except OSError:
-                continue
+                continue  # gone meanwhile: delivered by whoever held it
             try:
                 if not _lock_nb(fd) or os.fstat(fd).st_ino != os.stat(path).st_ino:
                     os.close(fd)  # held by its writer or another replayer, or replaced
+                    if in_order:
+                        return None
                     continue
             except OSError:
                 os.close(fd)

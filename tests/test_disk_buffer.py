@@ -1037,3 +1037,45 @@ def test_a_closed_spill_file_is_fsynced_once_not_per_event(spill_dir, monkeypatc
     line("fsync of spill files", emitted=1004, on_disk=waiting, fsyncs=len(calls))
     assert waiting == 1004
     assert 1 <= len(calls) <= 10
+
+
+def test_a_runs_backlog_file_replayed_by_another_process_holds_back_its_newer_files(fake, spill_dir, monkeypatch):
+    """Run A is in disk mode; its first backlog file is closed. Another process on the same
+    spill directory (`argus sync`, or another run's start-up replay) claims that file and
+    is slow to send it. A writes newer events to a second file; when the server answers,
+    A must wait for the first file instead of sending the second one before it."""
+    other = argus.ExperimentReporter(fake.url, "other", batch_id="other-1")
+    assert wait_until(lambda: other.replayer._replay_due is None, 10)  # its start-up look: nothing
+    in_send, go = threading.Event(), threading.Event()
+    real_send = other.sender._send
+
+    def slow_send(pairs, attempts):
+        if any('"run-a"' in line for _, line in pairs):
+            in_send.set()
+            go.wait(20)
+        return real_send(pairs, attempts)
+
+    monkeypatch.setattr(other.sender, "_send", slow_send)
+    run = argus.ExperimentReporter(fake.url, "a", batch_id="run-a")
+    assert wait_until(lambda: run.replayer._replay_due is None, 10)
+    run.sender._down_until = time.monotonic() + 1000  # the server is not answering A
+    for i in range(5):
+        run.job_epoch("j", i, train_loss=0.5)
+    assert wait_until(lambda: run.worker._disk_mode and not run._queue, 10)
+    run.spill.rotate()  # the first file closes (as after rotate_s)
+    other.replayer._replay_due = 0.0  # the other process's look for older spill files
+    other.worker._wake_evt.set()
+    assert in_send.wait(10), "the other process did not take A's file"
+    for i in range(5, 10):
+        run.job_epoch("j", i, train_loss=0.5)
+    assert wait_until(lambda: not run._queue, 10)
+    run.sender._down_until = 0.0  # the server answers A again
+    run.worker._wake_evt.set()
+    time.sleep(1.0)  # A's worker looks at its backlog meanwhile
+    go.set()
+    assert wait_until(lambda: len(epochs(fake.events, "j")) == 10, 15)
+    run.close(5)
+    other.close(5)
+    arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    assert arrived == list(range(10)), (arrived, fake.requests)
+    assert on_disk(spill_dir) == {}
