@@ -1730,6 +1730,8 @@ class ExperimentReporter:
         )
 
     def _wake(self) -> None:
+        if self.worker._refusing:  # an event whose call began before close() saw the queue
+            return self.worker._save_late()
         self._idle = False
         thread = self.worker._thread
         if thread is None or not thread.is_alive():
@@ -2144,6 +2146,7 @@ class _Worker:
                     self._abandoned = True  # a worker still blocked in a request is not trusted
                 self._refusing = True  # from here on a new event is refused, with the log line
                 self.facade._slow = True
+                self.facade._idle = True  # a call already past the _slow check wakes _save_late
                 saved = self._journal_locked(keep_controls=False)
                 if saved and self.facade._queue:  # events another thread queued while we wrote
                     saved = self._journal_locked(keep_controls=False)
@@ -2177,6 +2180,34 @@ class _Worker:
             _live.discard(self.facade)
             if worker_alive and self.sender._transport is not None:
                 self.sender._transport.abort()
+
+    def _save_late(self) -> None:
+        """Events that other threads queued after close() took its last look at the queue
+        (their calls had begun before it): to disk, where the next start or `argus sync`
+        sends them, and said once."""
+        with self._lock:
+            late = sum(1 for item in self.facade._queue if type(item) is tuple)
+            if not late:
+                return
+            store = self.facade.spill
+            if self._journal_locked(keep_controls=False):
+                store.rotate()
+                if store.summarise:
+                    _left_behind.setdefault(store.directory, [0, 0])[0] += late
+                said = "saved to %s" % store.directory
+            else:
+                self.facade._queue.clear()
+                self.facade.lost += late
+                said = "lost: the disk refused them"
+        _log_once(
+            "late:%d" % id(self.facade),
+            "warning",
+            "argus: %d event(s) emitted by another thread while the Reporter of batch %s was "
+            "closing were not sent; %s.",
+            late,
+            self.facade.batch_id,
+            said,
+        )
 
     def _prune_acked(self, final: bool = True) -> None:
         """Take the events the server acknowledged after they were written out of this run's

@@ -605,6 +605,35 @@ def test_the_guard_cuts_only_the_late_request_never_the_next_one(fake, spill_dir
     assert unsent == [[], []] and sender.delivered == 2
 
 
+def test_an_event_whose_call_overlaps_close_from_another_thread_is_saved_and_said(fake, spill_dir, caplog):
+    """A logging thread's job_epoch converts its value (a tensor's item(), an array's
+    tolist(): slow) while the program closes the run. The call had passed the check for
+    a closed sender, so its event landed in the queue after close() saved it: never sent,
+    never saved, not counted, not said."""
+    caplog.set_level("WARNING", logger="argus")
+    facade = argus.ExperimentReporter(fake.url, "late", batch_id="late-1")
+    inside, go = threading.Event(), threading.Event()
+
+    class Loss:  # a value whose conversion takes a while
+        def __float__(self):
+            inside.set()
+            go.wait(10)
+            return 0.25
+
+    facade.job_start("j")
+    facade.job_epoch("j", 0, train_loss=0.5)
+    logging_thread = threading.Thread(target=lambda: facade.job_epoch("j", 1, train_loss=Loss()))
+    logging_thread.start()
+    assert inside.wait(5)
+    facade.close(3)  # the program ends the run meanwhile
+    go.set()
+    logging_thread.join(5)
+    kept = on_disk(spill_dir)
+    assert epochs(kept, "j") == [1] and kept[next(iter(kept))]["data"]["train_loss"] == 0.25
+    assert epochs(fake.events, "j") == [0] and facade.lost == 0
+    assert "1 event(s) emitted by another thread while the Reporter of batch late-1 was closing" in caplog.text
+
+
 def test_events_queued_while_the_guard_writes_the_queue_to_disk_follow_it_there(fake, spill_dir, monkeypatch):
     """The worker saw disk mode off and waited for the lock; the guard held it, wrote the
     queue to disk (disk mode on) and let go; the program queued one more event meanwhile.
