@@ -2078,6 +2078,7 @@ class _Worker:
         self._disk_mode = False  # this run's events go through disk until the backlog is gone
         self._abandoned = False
         self._deadline = None
+        self._journal_owner = None  # the thread in _journal_locked (a SIGTERM waits for it)
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, name="argus-worker", daemon=True)
@@ -2253,12 +2254,25 @@ class _Worker:
     def _journal_locked(self, extra=(), keep_controls: bool = True) -> bool:
         """Write the request in flight, the queue and ``extra`` records to disk, in order.
 
-        Called with ``self._lock`` held. The queue keeps its items until they are on disk: a
-        signal handler that closes the sender on this thread meanwhile finds them there.
+        Called with ``self._lock`` held. The queue keeps its items until they are on disk.
         Uploads and flush markers stay queued (or, when closing, are released). Returns True
         when everything is on disk (the run is then in disk mode); otherwise what did not fit
         stays in memory, encoded, in order, and False is returned.
+
+        A SIGTERM that arrives while the main thread is in here waits until it is done
+        (_on_sigterm): its shutdown would write the same queued events again, under new ids
+        (the server would store both copies).
         """
+        owner = self._journal_owner
+        self._journal_owner = threading.get_ident()
+        try:
+            return self._journal_queue(extra, keep_controls)
+        finally:
+            self._journal_owner = owner
+            if owner is None and _signals_waiting and threading.current_thread() is threading.main_thread():
+                _on_sigterm(*_signals_waiting.pop())
+
+    def _journal_queue(self, extra, keep_controls: bool) -> bool:
         inflight = self._inflight if self._inflight and not self._inflight_journaled else ()
         queue = self.facade._queue
         items = list(queue)
@@ -2280,12 +2294,14 @@ class _Worker:
             encoded.append(item)
         for record in extra:
             pairs.append(self.facade._encode(record))
+        if self._journal_epoch != epoch:  # a handler on this thread journaled the queue meanwhile
+            extra_pairs = pairs[len(pairs) - len(extra) :] if extra else []
+            return self.facade.spill.append([line for _, line in extra_pairs]) == len(extra_pairs)
         written = self.facade.spill.append([line for _, line in pairs]) if pairs else 0
         if self._journal_epoch != epoch:
             return True  # a signal handler on this thread journaled everything meanwhile
         self._journal_epoch += 1
-        for _ in items:
-            queue.popleft()
+        _pop_front(queue, len(items))
         if written >= len(inflight) and inflight:
             self._inflight_journaled = True
         if written:
@@ -3276,6 +3292,14 @@ def _envelope_parts(etype: str, batch_id, job_id, source: str) -> tuple:
 
 _LINE = operator.itemgetter(1)  # an (event_id, line) pair's line
 _SIZE = operator.itemgetter(5)  # a queued record's size in bytes (0: not counted)
+
+
+def _pop_front(queue: deque, count: int) -> None:
+    """Take ``count`` items off the front of ``queue`` in one loop in C: a signal handler,
+    which runs between two bytecodes, finds all of them there or none."""
+    from itertools import repeat, starmap
+
+    deque(starmap(queue.popleft, repeat((), count)), maxlen=0)
 
 
 def _as_queued(items: list) -> bool:
@@ -5131,9 +5155,16 @@ def _uninstall_sigterm() -> None:
     _sigterm["pid"] = None
 
 
+_signals_waiting = []  # a SIGTERM that came while the main thread wrote a queue to disk
+
+
 def _on_sigterm(signum, frame) -> None:
     import signal
 
+    me = threading.get_ident()
+    if any(sender.worker._journal_owner == me for sender in list(_live)):
+        _signals_waiting[:] = [(signum, frame)]  # handled once that write is done
+        return
     previous = _sigterm["previous"]
     if os.getpid() == _sigterm["pid"]:
         reason = "terminated by SIGTERM"

@@ -95,6 +95,46 @@ def run(code: str, env: dict, cwd, timeout: float = 60) -> tuple:
 # signals during the exit drain
 # ---------------------------------------------------------------------------------------
 
+SIGTERM_DURING_A_JOURNAL = """
+with argus.Reporter(batch_id="journal-1", **QUIET) as r:
+    sender = r._sender
+    real_append, fired = sender.spill.append, []
+
+    def append(lines, **kwargs):  # SIGTERM just after the queue's lines reach the disk
+        written = real_append(lines, **kwargs)
+        if len(lines) > 1 and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+    sender.spill.append = append
+    with r.job("train") as job:
+        job.epoch(0)
+        while sender.worker._inflight is None:  # the first request is in flight (and hangs)
+            time.sleep(0.001)
+        for i in range(1, 8):
+            job.epoch(i)  # the queue (5) fills up: the program's thread writes it to disk
+print("not reached", flush=True)
+"""
+
+
+def test_sigterm_while_the_program_writes_the_queue_to_disk_saves_each_event_once(fake, spill_dir, tmp_path):
+    """A full queue is written to disk on the program's thread; SIGTERM lands just after
+    the write, before the queue lets go of what it wrote. The handler's shutdown wrote the
+    same events again under new ids, and a replay stored each of them twice."""
+    fake.script = ["hang"]
+    env = {"ARGUS_URL": fake.url, "ARGUS_QUEUE_SIZE": "5", "ARGUS_DRAIN_S": "0.5"}
+    rc, out, err = run(SIGTERM_DURING_A_JOURNAL, env, tmp_path)
+    assert rc in (-signal.SIGTERM, 143) and "not reached" not in out, err[-2000:]
+    fake._hang.set()
+    replay = argus.ExperimentReporter(fake.url, "replay", batch_id="replay-1")
+    assert wait_until(lambda: on_disk(spill_dir) == {}, 15)
+    replay.close(5)
+    stored = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    assert sorted(stored) == list(range(7)), stored  # each once, under one id (7: the process died in epoch(6))
+    assert [e["event_type"] for e in fake.events.values() if e["job_id"] == "train"][-1] == "job_failed"
+
+
 DRAIN_THEN_SIGNAL = """
 with argus.Reporter(batch_id="drain-1", **QUIET) as r:
     with r.job("train") as job:
