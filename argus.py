@@ -2633,7 +2633,11 @@ class _Worker:
         queue = self.facade._queue
         try:
             head = queue[0] if queue else None
-        except IndexError:
+            if head is not None and type(head) is not tuple:  # an upload or flush waits first
+                from itertools import islice
+
+                head = next((item for item in islice(queue, 64) if type(item) is tuple), None)
+        except (IndexError, RuntimeError):  # emptied, or changed, while it was read
             head = None
         if type(head) is tuple:
             if len(head) == 6 or (len(head) == 8 and not head[7]):

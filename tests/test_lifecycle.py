@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -672,6 +673,20 @@ def test_an_event_whose_call_overlaps_close_from_another_thread_is_saved_and_sai
     assert epochs(kept, "j") == [1] and kept[next(iter(kept))]["data"]["train_loss"] == 0.25
     assert epochs(fake.events, "j") == [0] and facade.lost == 0
     assert "1 event(s) emitted by another thread while the Reporter of batch late-1 was closing" in caplog.text
+
+
+def test_the_guard_writes_events_that_wait_behind_an_upload_or_flush_to_disk(fake, spill_dir):
+    """The worker is busy (a long request, an upload); a flush marker heads the queue and
+    events wait behind it. The guard looked only at the queue's head, so those events
+    stayed in memory only, however old: a SIGKILL lost them."""
+    facade = argus.ExperimentReporter(fake.url, "behind", batch_id="behind-1", _worker=False)
+    marker = argus._Flush()
+    facade._queue.append(marker)
+    facade._queue.append(("job_epoch", "behind-1", "train", time.time() - 2.0, {"epoch": 3}, 0))
+    facade.worker._guard_tick()
+    assert epochs(on_disk(spill_dir), "train") == [3]
+    assert list(facade._queue) == [marker]  # the flush keeps its place for the worker
+    facade.close(1)
 
 
 def test_events_queued_while_the_guard_writes_the_queue_to_disk_follow_it_there(fake, spill_dir, monkeypatch):
