@@ -445,6 +445,8 @@ class Reporter:
             raise ValueError(
                 "unknown event type %r: use one of %s" % (event, ", ".join(EVENT_TYPES + _SERVER_EXTRA_TYPES))
             )
+        if "batch_id" in fields:
+            _emit_batch_id(fields, "Reporter.emit")
         if self._sender is not None:
             self._sender.emit(event, batch_id=self._batch_id, **fields)
 
@@ -1010,6 +1012,8 @@ def _sender_for_emit() -> ExperimentReporter:
 
 def emit(event: str, **fields) -> None:
     """Send one event: through the active Reporter, or else under ``get_batch_id()``."""
+    if "batch_id" in fields:
+        _emit_batch_id(fields, "argus.emit")
     if _active:
         return _active[-1].emit(event, **fields)
     batch_id = get_batch_id()
@@ -1024,6 +1028,18 @@ def emit(event: str, **fields) -> None:
         )
         return None
     return _sender_for_emit().emit(event, batch_id=batch_id, **fields)
+
+
+def _emit_batch_id(fields: dict, call: str) -> None:
+    """A ``batch_id=`` field given to an emit that sends into the open batch: left out, said once."""
+    fields.pop("batch_id")
+    _log_once(
+        "emit-batch-id:" + call,
+        "warning",
+        "argus: %s sends into the open batch; its batch_id=... argument is left out. To send "
+        "into another batch, use ExperimentReporter.emit(event, batch_id=..., **fields).",
+        call,
+    )
 
 
 def sub_env(template: str, **extra) -> str:
@@ -2991,7 +3007,9 @@ class _Sender:
             else:
                 retry.append((event_id, line))
         self.facade.spill.dead_letter(rejected)
-        return retry + list(pending.items()), None  # absent from the results: not known to be stored
+        keep = {event_id for event_id, _ in retry}
+        keep.update(pending)  # absent from the results: not known to be stored
+        return [pair for pair in pairs if pair[0] in keep], None  # in the order they were sent
 
     def _mark_up(self) -> None:
         if self._fails or self._auth_fails:

@@ -122,3 +122,17 @@ def test_a_wrong_callback_keyword_names_the_callback_not_an_internal_helper():
     assert "_callback_init" not in str(info.value) and "val_loss_key" in str(info.value)
     if sys.version_info >= (3, 10):  # older versions name the function only
         assert str(info.value).startswith("ArgusCallback.__init__()")
+
+
+def test_emit_with_a_batch_id_field_sends_into_the_open_batch_and_says_so_once(fake, caplog, spill_dir, monkeypatch):
+    """Reporter.emit and argus.emit pass batch_id themselves: a field of that name raised
+    TypeError ("multiple values for keyword argument") into the training loop."""
+    monkeypatch.setattr(argus, "_logged_once", set())
+    with quiet_reporter(fake, batch_id="open-1") as r:
+        r.emit("resource_snapshot", batch_id="other", gpu=1)
+        r.emit("resource_snapshot", batch_id="other", gpu=2)
+        argus.emit("resource_snapshot", batch_id="other", gpu=3)
+    snapshots = fake.of_type("resource_snapshot")
+    assert [(e["batch_id"], e["data"]["gpu"]) for e in snapshots] == [("open-1", 1), ("open-1", 2), ("open-1", 3)]
+    said = [m for m in argus_warnings(caplog) if "batch_id=... argument is left out" in m]
+    assert len(said) == 2 and "Reporter.emit" in said[0] and "argus.emit" in said[1]

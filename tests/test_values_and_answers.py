@@ -546,3 +546,25 @@ def test_a_batch_split_after_a_422_sends_nothing_after_a_half_that_was_not_deliv
         ("job_done", None), ("batch_done", None)]
     assert [n for _, _, n in fake.requests[:2]] == [-422, -503]  # the split happened as scripted
     assert not on_disk(spill_dir)
+
+
+def test_events_a_batch_answer_left_unacknowledged_are_retried_in_the_order_sent(fake, spill_dir, monkeypatch):
+    """The answer to [job_start, epoch 0] has no result for job_start and an "internal"
+    rejection for epoch 0: both are retried, and job_start must still go first (the retry
+    sent [epoch 0, job_start], and the job's epoch was stored before its start)."""
+    fake.reject = lambda event: "internal: database busy" if len(fake.requests) <= 1 else None
+    handler = fake.server.RequestHandlerClass
+    real_answer = handler._answer
+
+    def answer(self, status, payload, headers=None):
+        if isinstance(payload, dict) and "results" in payload and len(fake.requests) == 1:
+            payload = dict(payload, results=payload["results"][1:])  # job_start's result left out
+        return real_answer(self, status, payload, headers)
+
+    monkeypatch.setattr(handler, "_answer", answer)
+    facade = argus.ExperimentReporter(fake.url, "partial", batch_id="partial-1")
+    facade.job_start("j")
+    facade.job_epoch("j", 0, train_loss=0.5)
+    assert facade.flush(15)
+    facade.close(5)
+    assert [e["event_type"] for e in fake.events.values()] == ["job_start", "job_epoch"], fake.requests
