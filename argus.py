@@ -3221,6 +3221,7 @@ class _Replayer:
         """The claim and the replay schedule: at start and after a fork."""
         self._claim = None
         self._replay_due = None if self.facade._offline else 0.0
+        self._unsent = 0  # this run's backlog replays in a row that the server did not all take
 
     def _replay_own(self, until_empty: bool = False) -> bool:
         """Send chunks of this run's spilled events, oldest first; False when there are none."""
@@ -3236,7 +3237,14 @@ class _Replayer:
             if outcome == "file done":
                 continue
             sent_any = True
-            if outcome == "unsent" or not until_empty:
+            if outcome == "unsent":
+                if self.sender._up():  # answered, but not all taken (internal errors): back off
+                    self._unsent += 1
+                    pause = _jitter(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(self._unsent, 8)))
+                    self.sender._next_send = max(self.sender._next_send, _mono() + pause)
+                return True
+            self._unsent = 0
+            if not until_empty:
                 return True
             if self.facade._queue and type(self.facade._queue[0]) is tuple:
                 self.worker._queue_to_disk(take_control=False)  # a control behind them: its turn comes

@@ -1079,3 +1079,22 @@ def test_a_runs_backlog_file_replayed_by_another_process_holds_back_its_newer_fi
     arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
     assert arrived == list(range(10)), (arrived, fake.requests)
     assert on_disk(spill_dir) == {}
+
+
+def test_a_backlog_event_the_server_keeps_refusing_with_an_internal_error_is_retried_with_back_off(fake, spill_dir, monkeypatch):
+    """In disk mode the run's backlog replay sent a chunk that the server answered with
+    "rejected: internal" for two events, and sent it again at once: 1,651 requests in 2 s.
+    Such answers now back off like any other retry; the two events wait on disk."""
+    monkeypatch.setattr(argus, "RETRY_ATTEMPTS", 1)
+    fake.script = [503]  # the first request fails: disk mode
+    fake.reject = lambda e: "internal: deadlock" if e["data"].get("epoch") in (1, 2) else None
+    facade = argus.ExperimentReporter(fake.url, "internal", batch_id="internal-1")
+    for i in range(3):
+        facade.job_epoch("j", i)
+    assert wait_until(lambda: 0 in epochs(fake.events, "j"), 15)  # the backlog replays
+    before = len(fake.requests)
+    time.sleep(2.0)
+    retries = len(fake.requests) - before
+    facade.close(1)
+    assert retries <= 6, retries  # 0.5 s, 1 s, 2 s... apart, not as fast as the server answers
+    assert epochs(on_disk(spill_dir), "j") == [1, 2]  # kept for a later replay
