@@ -3966,12 +3966,17 @@ class SpillStore:
         if own_only:
             own = set(self.own)
             candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
+        held = set()  # writers with a file that cannot be claimed now: their later files wait
         for mtime, name, path, size in candidates:
             if path in skip:
+                continue
+            writer = _writer_of(name)
+            if writer in held:
                 continue
             if path == self._path:
                 if in_order:
                     return None
+                held.add(writer)
                 continue
             try:
                 fd = os.open(path, os.O_RDWR)
@@ -3982,6 +3987,7 @@ class SpillStore:
                     os.close(fd)  # held by its writer or another replayer, or replaced
                     if in_order:
                         return None
+                    held.add(writer)  # (a run replaying its own backlog holds its oldest file)
                     continue
             except OSError:
                 os.close(fd)
@@ -4061,6 +4067,13 @@ def _base_name(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _writer_of(name: str) -> str:
+    """The process that wrote a spill file, from its name (``spill-<ns>-<pid>-<random>``):
+    a replay takes one writer's files in order, so it waits while one of them is held."""
+    parts = name.split("-")
+    return parts[2] if len(parts) >= 4 and parts[0] == "spill" else name
 
 
 def _fingerprint(token: str | None) -> str | None:

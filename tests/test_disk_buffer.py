@@ -1098,3 +1098,23 @@ def test_a_backlog_event_the_server_keeps_refusing_with_an_internal_error_is_ret
     facade.close(1)
     assert retries <= 6, retries  # 0.5 s, 1 s, 2 s... apart, not as fast as the server answers
     assert epochs(on_disk(spill_dir), "j") == [1, 2]  # kept for a later replay
+
+
+def test_a_replay_of_other_runs_files_waits_while_a_run_holds_its_older_file(spill_dir):
+    """Run A replays its own backlog: it holds its older file between chunks. `argus sync`
+    (or another run's start-up replay) skipped that file and sent A's newer one first;
+    it must leave every file of that writer alone while one of them is held."""
+    line = '{"event_id":"%s","event_type":"job_epoch","batch_id":"a","job_id":"j","data":{"epoch":%d}}'
+    run = argus.SpillStore(str(spill_dir), url="http://127.0.0.1:9")
+    for epoch in (0, 1):  # two closed files of run A, oldest first
+        assert run.append([line % (argus._uuid4(), epoch)]) == 1
+        run.rotate()
+        time.sleep(0.01)
+    held = run.claim_next(own_only=True, in_order=True)  # A's replay holds its first file
+    assert held is not None and "\"epoch\":0" in held.lines[0]
+    other = argus.SpillStore(str(spill_dir), url="http://127.0.0.1:9")
+    assert other.claim_next() is None  # not A's second file while its first is held
+    held.release()
+    first = other.claim_next()
+    assert first is not None and "\"epoch\":0" in first.lines[0]  # then A's files, in order
+    first.release()
