@@ -1676,11 +1676,17 @@ class ExperimentReporter:
             # not know of: a signal handler that closes the run meanwhile must keep the file.
             self._journaling = True
             try:
-                if line is None:  # offline (the file is the delivery) or data marshal refuses
+                if self.worker._gap and not self._offline:
+                    # An earlier event is in memory only (the journal refused it): this one
+                    # waits with it, or a replay of the journal would send it first.
+                    on_disk = False
+                elif line is None:  # offline (the file is the delivery) or data marshal refuses
                     line = self._encode(record, event_id)[1]
                     on_disk = spill.append([line]) == 1 if self._offline else spill.journal(line)
                 else:
                     on_disk = spill.journal(line)
+                if not on_disk and not self._offline:
+                    self.worker._gap = True
                 if not on_disk and spill.at_cap and not self._offline:
                     _log_once(
                         "durable-cap:" + spill.directory,
@@ -2095,6 +2101,7 @@ class _Worker:
         self._abandoned = False
         self._deadline = None
         self._journal_owner = None  # the thread in _journal_locked (a SIGTERM waits for it)
+        self._gap = False  # durable: a queued event is in memory only; later ones are not journaled
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, name="argus-worker", daemon=True)
@@ -2338,6 +2345,7 @@ class _Worker:
             kept.append(item)
         queue.extendleft(reversed(kept))
         if written == len(pairs):
+            self._gap = False  # every queued event is on disk, in order
             return True
         self._disk_retry_at = _mono() + 5.0
         return False
@@ -2542,6 +2550,8 @@ class _Worker:
                 return
             if unsent:
                 self._save(unsent)
+            elif self._gap and not self._disk_mode and not self.facade._queue:
+                self._gap = False  # the events kept in memory only were delivered
 
     def _save(self, pairs: list) -> None:
         """Undelivered events: to disk (disk mode), or back into memory what the disk refuses."""

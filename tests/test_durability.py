@@ -39,8 +39,10 @@ from conftest import (
     dead_letters,
     free_port,
     run_script,
+    epochs,
     spilled_events,
     validate_event,
+    wait_until,
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes and signals")
@@ -912,3 +914,19 @@ def test_only_rank_0_reports_unless_told_otherwise(fake, spill_dir, env, reporte
     assert figures == {"emitted": emitted, "delivered": emitted, "dead": 0, "lost": 0}
     if not reported:
         assert fake.requests == [] and not os.path.exists(spill_dir)  # silent: no network, no disk
+
+
+def test_durable_events_after_one_the_full_journal_refused_wait_behind_it(fake, spill_dir, monkeypatch):
+    """Near the spill cap, a big durable event does not fit in the journal and stays in
+    memory; a later small one fit. After a failed send (disk mode), the journal's replay
+    sent the later one first and the big one went out live after it."""
+    monkeypatch.setenv("ARGUS_SPILL_MAX_MB", repr(880 / 1048576.0))
+    fake.script = [503] * argus.RETRY_ATTEMPTS  # the first request fails every try
+    facade = argus.ExperimentReporter(fake.url, "cap", batch_id="cap-1", durable=True)
+    facade.job_epoch("j", 0, train_loss=0.5)
+    facade.job_epoch("j", 1, train_loss=0.5, blob="x" * 1500)  # more than the cap leaves
+    facade.job_epoch("j", 2, train_loss=0.5)
+    assert wait_until(lambda: len(epochs(fake.events, "j")) == 3, 40), fake.requests
+    facade.close(5)
+    arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    assert arrived == [0, 1, 2], (arrived, fake.requests)
