@@ -2175,18 +2175,7 @@ class _Worker:
                 if saved and self.facade._queue:  # events another thread queued while we wrote
                     saved = self._journal_locked(keep_controls=False)
                 if not saved:
-                    left = self._count_queued()
-                    if left and self.facade.spill.at_cap:
-                        self.facade.spill.refuse(left, say=True)
-                    elif left:
-                        self.facade.lost += left
-                        _log(
-                            "error",
-                            "argus: %d event(s) could not be delivered nor saved to %s (disk refused)",
-                            left,
-                            self.facade.spill.directory,
-                        )
-                    self.facade._queue.clear()
+                    self._give_up_queue()
             claim, self.replayer._claim = (self.replayer._claim, None) if not worker_alive else (None, self.replayer._claim)
             if claim is not None:
                 claim.release()
@@ -2210,28 +2199,40 @@ class _Worker:
         (their calls had begun before it): to disk, where the next start or `argus sync`
         sends them, and said once."""
         with self._lock:
-            late = sum(1 for item in self.facade._queue if type(item) is tuple)
+            late = self._count_queued()
             if not late:
                 return
             store = self.facade.spill
-            if self._journal_locked(keep_controls=False):
-                store.rotate()
-                if store.summarise:
-                    _left_behind.setdefault(store.directory, [0, 0])[0] += late
-                said = "saved to %s" % store.directory
-            else:
-                self.facade._queue.clear()
-                self.facade.lost += late
-                said = "lost: the disk refused them"
+            if not self._journal_locked(keep_controls=False):
+                return self._give_up_queue()
+            store.rotate()
+            if store.summarise:
+                _left_behind.setdefault(store.directory, [0, 0])[0] += late
         _log_once(
             "late:%d" % id(self.facade),
             "warning",
             "argus: %d event(s) emitted by another thread while the Reporter of batch %s was "
-            "closing were not sent; %s.",
+            "closing were not sent; saved to %s.",
             late,
             self.facade.batch_id,
-            said,
+            store.directory,
         )
+
+    def _give_up_queue(self) -> None:
+        """What neither the server nor the disk took at close: refused at the cap, or lost;
+        counted and said either way."""
+        left = self._count_queued()
+        if left and self.facade.spill.at_cap:
+            self.facade.spill.refuse(left, say=True)
+        elif left:
+            self.facade.lost += left
+            _log(
+                "error",
+                "argus: %d event(s) could not be delivered nor saved to %s (disk refused)",
+                left,
+                self.facade.spill.directory,
+            )
+        self.facade._queue.clear()
 
     def _prune_acked(self, final: bool = True) -> None:
         """Take the events the server acknowledged after they were written out of this run's
@@ -3278,7 +3279,7 @@ class _Replayer:
         claim = self._claim
         if claim is None:
             self.facade.spill.rotate()
-            claim = self._claim = self.facade.spill.claim_next(in_order=claim_args.get("own_only", False), **claim_args)
+            claim = self._claim = self.facade.spill.claim_next(**claim_args)
             if claim is None:
                 return "empty"
         pairs = claim.next_chunk(self.sender._batch_limit, self.worker._acked)
@@ -3291,7 +3292,7 @@ class _Replayer:
         claims = [(claim, pairs)]
         spill, limit = self.facade.spill, self.sender._batch_limit
         while claim_args.get("own_only") and not claims[-1][0].left() and len(pairs) < limit:
-            more = spill.claim_next(skip={c.path for c, _ in claims}, own_only=True, in_order=True)
+            more = spill.claim_next(skip={c.path for c, _ in claims}, own_only=True)
             if more is None:
                 break
             chunk = more.next_chunk(limit - len(pairs), self.worker._acked)
@@ -3963,14 +3964,14 @@ class SpillStore:
         found.sort()
         return found
 
-    def claim_next(self, skip=(), match=None, own_only: bool = False, in_order: bool = False) -> _Claim | None:
+    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
         """Claim the oldest unclaimed spill file, or return None when there is none.
 
         ``match(claim)`` decides whether a file is for us (a file without a header,
         written by an older version, has the destination None); ``own_only`` takes only
-        files this store wrote, oldest first: the backlog of this run. ``in_order``: None
-        at the first of those that cannot be claimed now (the open file, or one that
-        another process replays): a newer one must not reach the server before it.
+        files this store wrote, oldest first: the backlog of this run. One writer's files
+        are taken in order: while one of them cannot be claimed (its open file, or one
+        that another process replays), its later ones are left alone.
         """
         candidates = self._candidates()
         if own_only:
@@ -3984,8 +3985,6 @@ class SpillStore:
             if writer in held:
                 continue
             if path == self._path:
-                if in_order:
-                    return None
                 held.add(writer)
                 continue
             try:
@@ -3995,9 +3994,7 @@ class SpillStore:
             try:
                 if not _lock_nb(fd) or os.fstat(fd).st_ino != os.stat(path).st_ino:
                     os.close(fd)  # held by its writer or another replayer, or replaced
-                    if in_order:
-                        return None
-                    held.add(writer)  # (a run replaying its own backlog holds its oldest file)
+                    held.add(writer)
                     continue
             except OSError:
                 os.close(fd)
