@@ -646,12 +646,13 @@ def test_the_guard_cuts_only_the_late_request_never_the_next_one(fake, spill_dir
     assert unsent == [[], []] and sender.delivered == 2
 
 
-def test_an_event_whose_call_overlaps_close_from_another_thread_is_saved_and_said(fake, spill_dir, caplog):
+def test_an_event_whose_call_overlaps_close_from_another_thread_is_saved_and_said(fake, spill_dir, caplog, monkeypatch):
     """A logging thread's job_epoch converts its value (a tensor's item(), an array's
     tolist(): slow) while the program closes the run. The call had passed the check for
     a closed sender, so its event landed in the queue after close() saved it: never sent,
     never saved, not counted, not said."""
     caplog.set_level("WARNING", logger="argus")
+    monkeypatch.setattr(argus, "_logged_once", set())  # (said once per sender id; ids are reused)
     facade = argus.ExperimentReporter(fake.url, "late", batch_id="late-1")
     inside, go = threading.Event(), threading.Event()
 
