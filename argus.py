@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 import atexit
+import itertools
 import operator
 import os
 import sys
@@ -1996,7 +1997,13 @@ class ExperimentReporter:
         """``(event_id, line)`` for each record as the caller queued it, in order. The
         common case, data of plain numbers under keys seen before, in one loop: a template
         (see _data_form) writes the data with the JSON encoder's own number formats, and
-        the envelope, id and timestamp are looked up without a call. The rest: _encode."""
+        the envelope, id and timestamp are looked up without a call. A long run of one
+        kind of event (one type, batch, job and key set: a training loop's epochs) goes
+        through _encode_run instead. The rest: _encode."""
+        if len(records) >= _RUN_MIN:
+            pairs = self._encode_run(records)
+            if pairs is not None:
+                return pairs
         envelopes = self._envelopes
         pairs = []
         append = pairs.append
@@ -2033,6 +2040,52 @@ class ExperimentReporter:
             append(self._encode(record))
         return pairs
 
+    def _encode_run(self, records: list):
+        """_encode_batch for records of one type, batch and job whose data are plain,
+        finite numbers under one key set with a template: every step a pass in C over the
+        whole run (the checks, the values, the timestamps, the ids, the lines), none a
+        Python loop per event. The values are written in the template's key order. None
+        when the run is not one of those (the caller then takes the loop)."""
+        first = records[0]
+        envelope = self._envelopes.get(first[:3])
+        if envelope is None:
+            return None
+        keys = tuple(first[4])
+        line = envelope[3].get(keys)
+        if line is None:
+            form = envelope[2].get(keys)
+            if form is None or len(keys) < 2:
+                return None
+            line = envelope[3][keys] = '{"event_id":"%%s%s%%s%s%s}' % (
+                envelope[0].replace("%", "%%"), envelope[1].replace("%", "%%"), form)
+        if len(set(map(_RECORD_TYPE, records))) != 1 or len(set(map(_RECORD_BATCH, records))) != 1 \
+                or len(set(map(_RECORD_JOB, records))) != 1:
+            return None
+        datas = list(map(_RECORD_DATA, records))
+        if set(map(len, datas)) != {len(keys)}:
+            return None
+        try:
+            values = list(map(operator.itemgetter(*keys), datas))  # the same keys: each is there
+        except KeyError:
+            return None
+        if not _NUMBER_TYPES.issuperset(map(type, _chain(values))):
+            return None
+        try:
+            total = sum(_chain(values))  # NaN or an infinity (or an overflow): NaN
+        except OverflowError:
+            return None
+        if total - total:
+            return None
+        stamps = _stamps_of(records)
+        ids = _new_ids(len(records))
+        try:
+            lines = list(map(line.__mod__, map(tuple.__add__, zip(ids, stamps), values)))
+        except ValueError:  # an int too long for str()
+            return None
+        if max(map(len, lines)) > _MAX_EVENT_CHARS + 300:
+            return None
+        return list(zip(ids, lines))
+
     def _envelope(self, etype: str, batch_id: str, job_id) -> tuple:
         """The parts of the envelope around the timestamp and the data, the same for every
         event of one type, batch and job, built once (the encoding of every event pays for
@@ -2041,7 +2094,7 @@ class ExperimentReporter:
         if len(self._envelopes) > 4096:
             self._envelopes.clear()
         head, tail = _envelope_parts(etype, batch_id, job_id, source)
-        envelope = self._envelopes[(etype, batch_id, job_id)] = (head, tail, {})
+        envelope = self._envelopes[(etype, batch_id, job_id)] = (head, tail, {}, {})
         return envelope
 
     def _after_fork(self) -> None:
@@ -2457,14 +2510,15 @@ class _Worker:
                 # through disk, or it would reach the server first.
                 return [], None
             queue = facade._queue
-            popleft = queue.popleft
-            items, control = [], None
-            while queue and len(items) < limit:
-                item = popleft()
-                if type(item) is not tuple:
-                    control = item
-                    break
-                items.append(item)
+            items = list(itertools.islice(queue, limit))  # in C: no thread or signal between
+            control = None
+            if items and set(map(type, items)) != {tuple}:  # a control (an upload, a flush marker): up to it
+                at = next(i for i, item in enumerate(items) if type(item) is not tuple)
+                control = items[at]
+                del items[at:]
+                _pop_front(queue, at + 1)
+            else:
+                _pop_front(queue, len(items))
             if items and _as_queued(items):  # every one as the caller queued it: the common case
                 events = facade._encode_batch(items)
                 since, on_disk = items[0][3], False
@@ -3338,9 +3392,7 @@ _SIZE = operator.itemgetter(5)  # a queued record's size in bytes (0: not counte
 def _pop_front(queue: deque, count: int) -> None:
     """Take ``count`` items off the front of ``queue`` in one loop in C: a signal handler,
     which runs between two bytecodes, finds all of them there or none."""
-    from itertools import repeat, starmap
-
-    deque(starmap(queue.popleft, repeat((), count)), maxlen=0)
+    deque(itertools.starmap(queue.popleft, itertools.repeat((), count)), maxlen=0)
 
 
 def _as_queued(items: list) -> bool:
@@ -4994,32 +5046,57 @@ _ids = []  # event ids made ahead, in bulk; emptied in a forked child
 _ID_BULK = 1024
 _ID_V4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: version 4
 _ID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: RFC 4122 variant
-# Where each of a UUID's 32 hex digits goes in its 37-character slot (36 and a space).
-_ID_COLUMNS = tuple(j + (j >= 8) + (j >= 12) + (j >= 16) + (j >= 20) for j in range(32))
 
 
 def _uuid4() -> str:
-    """A random (version 4) UUID, as text. Made _ID_BULK at a time from os.urandom, with
-    every step in C: the bit fixing, the hex, and the layout, one strided copy per digit
-    position for the whole bulk (a tenth of ``str(uuid.uuid4())`` per id). A user's
-    random.seed() cannot repeat them, and a forked child drops the parent's unused ones
-    (see _after_fork_in_child)."""
+    """A random (version 4) UUID, as text, from a bulk of _ID_BULK made by _new_ids. A
+    user's random.seed() cannot repeat them, and a forked child drops the parent's unused
+    ones (see _after_fork_in_child)."""
     try:
         return _ids.pop()
     except IndexError:
         pass
-    raw = bytearray(os.urandom(16 * _ID_BULK))
-    raw[6::16] = raw[6::16].translate(_ID_V4)
-    raw[8::16] = raw[8::16].translate(_ID_VARIANT)
-    hx = raw.hex().encode("ascii")
-    text = bytearray(b"-" * (37 * _ID_BULK))
-    text[36::37] = b" " * _ID_BULK
-    for j, column in enumerate(_ID_COLUMNS):
-        text[column::37] = hx[j::32]
-    made = text.decode("ascii").split()
+    made = _new_ids(_ID_BULK)
     event_id = made.pop()
     _ids.extend(made)  # list.extend and list.pop are atomic: threads may share the bulk
     return event_id
+
+
+def _new_ids(count: int) -> list:
+    """``count`` random (version 4) UUIDs from os.urandom, with every step in C, a few
+    passes over the whole bulk: the version and variant bits, the hex in groups of four
+    digits, then the layout (a space after each id, and the three group breaks that a
+    UUID does not have taken out). A seventh of ``str(uuid.uuid4())`` per id."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_ID_V4)
+    raw[8::16] = raw[8::16].translate(_ID_VARIANT)
+    text = bytearray(raw.hex("-", 2).encode("ascii"))
+    text.append(32)  # 40 characters an id: eight groups of four, each with a "-" after it
+    text[39::40] = b" " * count
+    del text[34::40]  # between groups 7 and 8, then 6 and 7, then 1 and 2
+    del text[29::39]
+    del text[4::38]
+    return text.decode("ascii").split()
+
+
+_RUN_MIN = 16  # _encode_batch: a batch of at least this many records tries _encode_run
+_RECORD_TYPE = operator.itemgetter(0)  # a queued record's fields, for passes in C
+_RECORD_BATCH = operator.itemgetter(1)
+_RECORD_JOB = operator.itemgetter(2)
+_RECORD_TS = operator.itemgetter(3)
+_RECORD_DATA = operator.itemgetter(4)
+_NUMBER_TYPES = frozenset((int, float))
+_chain = itertools.chain.from_iterable
+_THOUSAND = (1000.0).__mul__
+
+
+def _stamps_of(records: list) -> list:
+    """Each record's timestamp as _format_ts writes it, the text made once per millisecond."""
+    times = list(map(int, map(_THOUSAND, map(_RECORD_TS, records))))
+    texts = dict.fromkeys(times)
+    for ms in texts:
+        texts[ms] = _format_ms(ms)
+    return list(map(texts.__getitem__, times))
 
 
 _ts_cache = (-1, "", -1, "")  # (second, its prefix, millisecond, its stamp): replaced whole
@@ -5027,8 +5104,12 @@ _ts_cache = (-1, "", -1, "")  # (second, its prefix, millisecond, its stamp): re
 
 def _format_ts(ts: float) -> str:
     """ISO 8601 UTC, fixed width with milliseconds: the server sorts timestamps as strings."""
+    return _format_ms(int(ts * 1000))
+
+
+def _format_ms(ms: int) -> str:
+    """_format_ts of a time in whole milliseconds."""
     global _ts_cache
-    ms = int(ts * 1000)
     cached_secs, prefix, cached_ms, stamp = _ts_cache
     if ms == cached_ms:  # a burst: many events inside one millisecond
         return stamp

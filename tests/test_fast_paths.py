@@ -92,6 +92,57 @@ def test_the_template_and_the_encoder_agree_on_random_numbers():
         assert _without_id(fast) == _without_id(facade._encode(record)[1])
 
 
+@pytest.mark.parametrize("keys", [
+    ("epoch", "train_loss", "val_loss", "lr"),
+    ("epoch", "100%", 'a "quoted" key', "k\u00e9y"),
+], ids=["plain", "odd-keys"])
+def test_a_run_of_one_kind_of_event_is_written_as_the_json_encoder_writes_each(keys):
+    """_encode_run (a batch of one type, batch, job and key set, in passes over the whole
+    run): each line, timestamp included, is the careful path's, and any one event it must
+    not write (in OTHER_DATA) sends the whole run to the per-event loop, which writes it
+    as the encoder does."""
+    facade = _facade()
+    envelope_of = ("job_epoch", "batch-%s", "job-%d")
+    start = time.time()
+    numbers = [dict(zip(keys, data.values())) for data in NUMBER_DATA] * 10
+    records = [envelope_of + (start + i * 0.0007, data, 0) for i, data in enumerate(numbers)]
+    facade._encode(records[0])  # registers the template for these keys
+    assert facade._encode_run(records) is not None  # the run path, not the loop
+    lines = [line for _, line in facade._encode_batch(records)]
+    assert [_without_id(line) for line in lines] == [_without_id(facade._encode(r)[1]) for r in records]
+    ids = [json.loads(line)["event_id"] for line in lines]
+    assert len(set(ids)) == len(ids) and all(uuid.UUID(i).version == 4 for i in ids)
+    for odd in OTHER_DATA:
+        mixed = list(records)
+        mixed[17] = envelope_of + (start, dict(zip(keys, odd.values())), 0)
+        assert facade._encode_run(mixed) is None, odd
+        lines = [line for _, line in facade._encode_batch(mixed)]
+        assert [_without_id(line) for line in lines] == [_without_id(facade._encode(r)[1]) for r in mixed]
+        for line in lines:
+            json.loads(line, parse_constant=_refuse)
+    for other in (("job_epoch", "batch-%s", "job-2"), ("log_line", "batch-%s", "job-%d")):
+        mixed = list(records)
+        mixed[5] = other + records[5][3:]
+        facade._encode(mixed[5])
+        assert facade._encode_run(mixed) is None
+        assert [json.loads(line)["job_id"] for _, line in facade._encode_batch(mixed)] == [
+            r[2] for r in mixed]
+    # One event with its keys in another order: its line holds the same data (JSON
+    # objects have no order), in the template's order.
+    mixed = list(records)
+    mixed[3] = envelope_of + (start, dict(reversed(list(numbers[3].items()))), 0)
+    assert [json.loads(line)["data"] for _, line in facade._encode_batch(mixed)] == [r[4] for r in mixed]
+    # Another key set in the run, or one key more: the loop.
+    for extra in ({"x": 1.0}, {}):
+        mixed = list(records)
+        data = dict(numbers[3], **extra)
+        if not extra:
+            data.pop(keys[1])
+        mixed[9] = envelope_of + (start, data, 0)
+        assert facade._encode_run(mixed) is None
+        assert [json.loads(line)["data"] for _, line in facade._encode_batch(mixed)] == [r[4] for r in mixed]
+
+
 def _answer(ids, statuses=None, compact=False, **extra):
     statuses = statuses or ["accepted"] * len(ids)
     body = {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected"),
