@@ -847,19 +847,31 @@ class JobContext:
             return self._epoch(epoch, train_loss, val_loss, lr, batch_time_ms, extra)
         self._epochs += 1
         data = {"epoch": epoch}
-        if train_loss is not None:
+        check = type(epoch) is not int  # an int epoch and float values need no look
+        if type(train_loss) is float:
             data["train_loss"] = train_loss
-        if val_loss is not None:
+        elif train_loss is not None:
+            data["train_loss"] = train_loss
+            check = True
+        if type(val_loss) is float:
             data["val_loss"] = val_loss
-        if lr is not None:
+        elif val_loss is not None:
+            data["val_loss"] = val_loss
+            check = True
+        if type(lr) is float:
             data["lr"] = lr
+        elif lr is not None:
+            data["lr"] = lr
+            check = True
         if batch_time_ms is not None:
             data["batch_time_ms"] = batch_time_ms
-        for value in data.values():
-            if type(value) not in _PLAIN_TYPES:
-                data = _jsonable(data)
-                data["epoch"] = _epoch_number(epoch)
-                break
+            check = True
+        if check:
+            for value in data.values():
+                if type(value) not in _PLAIN_TYPES:
+                    data = _jsonable(data)
+                    data["epoch"] = _epoch_number(epoch)
+                    break
         if sender.durable:
             return sender._submit_durable("job_epoch", self._job_id, data)
         queue = sender._queue
