@@ -140,6 +140,29 @@ BAD_VALUES = {
 }
 
 
+@pytest.mark.parametrize("param", ["epoch", "train_loss", "val_loss", "lr", "batch_time_ms"])
+def test_each_named_epoch_value_is_converted_on_the_callers_thread(param, fake, spill_dir):
+    """job.epoch()'s fast path looks only at the type of each named value: anything but an
+    int epoch and float values is still converted when the call is made. A list is copied
+    then (changed after the call, the event keeps what it held), and a value that cannot
+    be converted does not raise."""
+    raised = []
+    with argus.Reporter(monitor_url=fake.url, batch_id="named-1", **QUIET) as r:
+        with r.job("train") as job:
+            values = {"epoch": 0, "train_loss": 0.5, "val_loss": 0.6, "lr": 1e-3}
+            held = [0.25]
+            job.epoch(**dict(values, **{param: held}))
+            held.append(99.0)  # after the call: the event has [0.25]
+            try:
+                job.epoch(**dict(values, **{param: BadFloat(1.5)}))
+            except Exception as exc:
+                raised.append(repr(exc)[:200])
+    sent = [e["data"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    assert raised == []
+    assert sent[0][param] == [0.25], sent
+    assert len(sent) == 2 and type(sent[1][param]) in (str, float, int), sent
+
+
 @pytest.mark.parametrize("kind", list(BAD_VALUES))
 def test_a_value_that_cannot_be_converted_never_raises_into_the_training_loop(kind, fake, spill_dir):
     """Issue 10: six kinds of value raised out of job.epoch() into the training loop, and the
