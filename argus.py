@@ -200,6 +200,18 @@ def _log(level: str, msg: str, *args) -> None:
         pass
 
 
+_serials = itertools.count(1)
+
+
+def _said_key(owner) -> int:
+    """A number for ``owner`` in _log_once's keys, its own for the life of the process:
+    unlike id(), not reused by a later object (whose line would then never be said)."""
+    serial = owner.__dict__.get("_said_serial")
+    if serial is None:
+        serial = owner.__dict__["_said_serial"] = next(_serials)
+    return serial
+
+
 def _log_once(key: str, level: str, msg: str, *args) -> None:
     if key not in _logged_once:
         _logged_once.add(key)
@@ -610,7 +622,7 @@ class Reporter:
                 except _NetworkError:
                     continue
                 except Exception as exc:  # a fault costs this poll, never the poller
-                    _log_once("poll:%d" % id(self), "warning", "argus: a stop poll failed: %r", exc)
+                    _log_once("poll:%d" % _said_key(self), "warning", "argus: a stop poll failed: %r", exc)
                     continue
                 if status != 429:
                     backoff = max(1.0, backoff / 2)
@@ -829,7 +841,7 @@ class JobContext:
 
     def _after_end(self, call: str) -> None:
         _log_once(
-            "ended:%d" % id(self),
+            "ended:%d" % _said_key(self),
             "warning",
             "argus: job.%s() for job %r after its `with` block ended is not sent. Call it "
             "inside the block.",
@@ -1730,7 +1742,7 @@ class ExperimentReporter:
 
     def _refuse(self, etype: str) -> None:
         _log_once(
-            "closed:%d" % id(self),
+            "closed:%d" % _said_key(self),
             "warning",
             "argus: %s after the Reporter of batch %s was closed is not sent (nor saved). "
             "Emit events inside the `with Reporter(...)` block, or open a new Reporter.",
@@ -1754,7 +1766,7 @@ class ExperimentReporter:
             return self.spill.refuse(count, say)
         self.lost += count
         _log_once(
-            "lost:%d" % id(self),
+            "lost:%d" % _said_key(self),
             "error",
             "argus: the queue is full (%d events) and the spill directory %s cannot be "
             "written: events are being lost (counted at exit). Free the disk or point %s "
@@ -2274,7 +2286,7 @@ class _Worker:
             if store.summarise:
                 _left_behind.setdefault(store.directory, [0, 0])[0] += late
         _log_once(
-            "late:%d" % id(self.facade),
+            "late:%d" % _said_key(self.facade),
             "warning",
             "argus: %d event(s) emitted by another thread while the Reporter of batch %s was "
             "closing were not sent; saved to %s.",
@@ -2706,7 +2718,7 @@ class _Worker:
             try:
                 self._guard_tick()
             except Exception as exc:
-                _log_once("guard:%d" % id(self), "error", "argus: the spill guard hit an error: %r", exc)
+                _log_once("guard:%d" % _said_key(self), "error", "argus: the spill guard hit an error: %r", exc)
 
     def _guard_tick(self) -> None:
         self.sender._abort_if_late()

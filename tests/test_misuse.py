@@ -43,6 +43,25 @@ def test_job_calls_after_the_job_ended_warn_once_and_send_nothing(fake, caplog, 
     assert spilled_events(spill_dir) == []
 
 
+def test_a_later_job_at_a_reused_address_is_still_told_once(fake, caplog, spill_dir, monkeypatch):
+    """The once-only lines are said once per object. Keyed by id(), a job made later at
+    the address of an ended one (CPython reuses freed memory at once) was never told that
+    its late call was not sent. Here every object seems to have one address (id() is
+    replaced in argus), as two objects at the same address would."""
+    monkeypatch.setattr(argus, "_logged_once", set())
+    monkeypatch.setattr(argus, "id", lambda obj: 4096, raising=False)
+    with quiet_reporter(fake) as r:
+        with r.job("first") as job:
+            job.epoch(0, train_loss=1.0)
+        job.epoch(1, train_loss=0.5)  # said: the first job has ended
+        with r.job("later") as later:
+            later.epoch(0, train_loss=1.0)
+        later.epoch(1, train_loss=0.5)  # said too: another job
+        later.epoch(2, train_loss=0.5)  # (once)
+    messages = [m for m in argus_warnings(caplog) if "after its `with` block ended" in m]
+    assert len(messages) == 2 and "'first'" in messages[0] and "'later'" in messages[1], messages
+
+
 def test_calls_after_the_reporter_closed_warn_once_and_are_not_saved(fake, caplog, spill_dir, monkeypatch):
     monkeypatch.setattr(argus, "_logged_once", set())
     with quiet_reporter(fake) as r:
