@@ -102,7 +102,7 @@ def spilled_events(directory) -> list:
 
 def event_lines(text: str) -> list:
     """The event lines of a spill file's text: without the destination header, and with
-    durable mode's compact lines (``~`` + base64 of a marshal) turned back into the JSON
+    durable mode's compact lines (``~`` + base64 of a marshal, ``^`` + base64 of a struct) turned back into the JSON
     that a replay sends, by the SDK's own replay code, with the source from the header."""
     import argus
 
@@ -118,7 +118,7 @@ def event_lines(text: str) -> list:
             if isinstance(header.get("source"), dict):
                 source = json.dumps(header["source"], separators=(",", ":"))
             continue
-        if line.startswith("~"):
+        if line.startswith(("~", "^")):
             line = argus._expand(line, source) or line
         lines.append(line)
     return lines

@@ -264,8 +264,8 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     returned = progress(tmp_path / "progress")
     files = [p.read_bytes() for p in spill_dir.glob("*.jsonl*") if p.name.startswith("spill-")]
     raw = b"".join(files).decode()
-    compact = [ln for ln in raw.splitlines() if ln.startswith("~")]
-    assert len(compact) >= len(returned) > 100  # the journal holds compact lines, not JSON
+    compact = [ln for ln in raw.splitlines() if ln.startswith("^")]
+    assert len(compact) >= len(returned) > 100  # the journal holds packed lines, not JSON
     # The open journal was written through a shared map, allocated ahead: SIGKILL left it
     # at its allocated length, zeros after the last line. A reader must not take them for
     # a line (they went to the dead-letter file, and the run's last events with them).
@@ -568,6 +568,105 @@ def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
     assert read == []
     assert json.loads(argus._expand(text, '{"project":"p"}'))["data"] == {"epoch": 1}
     assert len(read) == 1
+
+
+PACKED_VALUES = [  # (epoch, train_loss, val_loss, lr, batch_time_ms): what job.epoch packs
+    (3, 0.1, 1 / 3, 1e-300, 12.5),
+    (0, None, None, None, None),
+    (-5, -0.0, None, 5e-324, None),
+    (2**63 - 1, None, float("inf"), float("nan"), -1e308),
+    (7, None, 0.25, None, None),
+]
+
+
+def _packed_line(values, batch_id="b-\u00fc\t\"1", job_id="job/1"):
+    epoch, *rest = values
+    data = {"epoch": epoch}
+    data.update((k, v) for k, v in zip(argus._EPOCH_KEYS[1:], rest) if v is not None)
+    record = ("job_epoch", batch_id, job_id, time.time(), data, 0)
+    event_id = argus._uuid4()
+    argus._load_marshal()
+    packed = argus._packed(record, event_id, tuple(rest))
+    return packed, argus._compact(record, event_id)
+
+
+@pytest.mark.parametrize("values", PACKED_VALUES, ids=range(len(PACKED_VALUES)))
+def test_a_packed_line_is_replayed_as_the_very_event_its_compact_line_gives(values):
+    """job.epoch's durable fast path packs an int epoch and four floats (or None) with
+    struct: a replay must give the same event, byte for byte, as the marshal line that
+    carries the whole record: -0.0, the smallest subnormal, NaN and infinity (which travel
+    as null with a note), the largest 64-bit epoch, and which values were given."""
+    packed, compact = _packed_line(values)
+    assert packed.startswith(b"^") and packed.endswith(b"\n") and packed.count(b"\n") == 1
+    source = '{"project":"p"}'
+    got = argus._expand(packed.decode("ascii")[:-1], source)
+    assert got is not None and got == argus._expand(compact.decode("ascii")[:-1], source)
+    event = json.loads(got)
+    assert event["data"]["epoch"] == values[0] and event["batch_id"] == "b-\u00fc\t\"1"
+    given = [k for k, v in zip(argus._EPOCH_KEYS[1:], values[1:]) if v is not None]
+    assert [k for k in event["data"] if k != "nonfinite"] == ["epoch"] + given
+
+
+def test_a_torn_or_run_together_packed_line_is_never_read():
+    """A packed line has no checksum: its length is fixed, on the line and in the bytes,
+    which is what tells a whole line from one cut by a kill inside the copy, or run into the next
+    line after a short write. Every such cut, every splice and a forged mask must fail to
+    read (the line goes to the dead-letter file), and never become another event."""
+    packed, _ = _packed_line(PACKED_VALUES[0])
+    other, _ = _packed_line(PACKED_VALUES[3])
+    text, after = packed.decode("ascii")[:-1], other.decode("ascii")[:-1]
+    assert argus._expand(text, "{}") is not None
+    for cut in range(1, len(text)):
+        assert argus._expand(text[:cut], "{}") is None, cut
+        assert argus._expand(text[:cut] + after, "{}") is None, cut
+    head, body = text.split("\t")
+    raw = __import__("base64").b64decode(body)
+    forged = bytearray(raw)
+    forged[52] = 16  # the byte after the id, time and epoch: the mask of given values
+    fakes = [
+        head + "\t" + __import__("base64").b64encode(bytes(forged)).decode(),
+        head.replace('"lr"', '"LR"') + "\t" + body,  # not job.epoch's keys
+        head + "\t" + body[:-4] + "\n" + body[-3:],  # a character base64 decoding passes over
+        head + "\t" + body[:50] + "!" + body[50:],  # the same 85 bytes, in a line too long
+    ]
+    for fake_line in fakes:
+        assert argus._expand(fake_line, "{}") is None, fake_line
+
+
+def test_job_epoch_packs_only_the_values_it_can_copy_and_every_event_arrives_as_given(fake, spill_dir):
+    """In durable mode job.epoch writes a packed line only on its fast path. An int value,
+    an epoch beyond 64 bits, a bool epoch or an extra key takes the marshal line, and a
+    replay of the journal (the server down all along) delivers each exactly as given."""
+    outage(fake)
+    calls = [
+        ((0,), {"train_loss": 0.5}, "^"),
+        ((1,), {"train_loss": -0.0, "val_loss": float("inf"), "lr": 5e-324, "batch_time_ms": 12.5}, "^"),
+        ((2,), {"train_loss": 1}, "~"),  # an int: looked at, not packed
+        ((2**70,), {"lr": 0.1}, "~"),  # beyond struct's 64 bits: _packed gives it back
+        ((4,), {"lr": 0.1, "momentum": 0.9}, "~"),  # an extra key: job.epoch's slow path
+        ((5,), {}, "^"),
+    ]
+    with argus.Reporter(monitor_url=fake.url, batch_id="packed-1", durable=True, drain_timeout=0, **QUIET_KW) as r:
+        with r.job("j") as job:
+            for args, kwargs, _ in calls:
+                job.epoch(*args, **kwargs)
+            written = [ln.decode() for ln in _spilled_lines(spill_dir)]
+    kinds = [ln[0] for ln in written if json.loads(argus._expand(ln[:-1], "{}") or ln)["event_type"] == "job_epoch"]
+    assert kinds == [c[2] for c in calls], written
+    recovery(fake)
+    assert argus.main(["sync", "--url", fake.url]) == 0
+    got = {e["data"]["epoch"]: e["data"] for e in fake.of_type("job_epoch")}
+    line("packed and compact journal lines replayed", emitted=len(calls), delivered=len(got),
+         on_disk=len(on_disk(spill_dir)))
+    assert got[0] == {"epoch": 0, "train_loss": 0.5}
+    assert got[1] == {"epoch": 1, "train_loss": -0.0, "val_loss": None, "lr": 5e-324, "batch_time_ms": 12.5,
+                      "nonfinite": {"val_loss": "Infinity"}}
+    assert str(got[1]["train_loss"]) == "-0.0"
+    assert got[2] == {"epoch": 2, "train_loss": 1} and type(got[2]["train_loss"]) is int
+    assert got[2**70] == {"epoch": 2**70, "lr": 0.1}
+    assert got[4] == {"epoch": 4, "lr": 0.1, "momentum": 0.9}
+    assert got[5] == {"epoch": 5}
+    assert fake.duplicates == 0 and not on_disk(spill_dir)
 
 
 @pytest.mark.parametrize("mode", ["live", "offline"])
