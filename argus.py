@@ -4253,13 +4253,15 @@ _PACKED_CHARS = 116  # the base64 of a packed event: 85 bytes, _pack_epoch's "<3
 
 def _packed(record, event_id: str, values: tuple):
     """Durable mode's journal line for an epoch of ``job.epoch``'s fast path (an int epoch,
-    float or None values): the line's head, once per job (``^``, the event's type, batch,
-    job and the five keys, as JSON, then a tab), and the id, the time, the epoch, a bit per
-    value given and the four values packed by struct, in base64 with the newline. Nothing
-    is looked at and floats are copied: half of _compact's instructions. A torn line (the
-    kill came inside the copy) is shorter, and one a short write ran into the next is
-    longer, so a reader checks the length exactly (_unpacked). None when the epoch does
-    not fit in 64 bits: _compact takes the event."""
+    float or None values): the line's head, made once per job (``^``, the CRC-32 of the
+    rest of the head in hex, the event's type, batch, job and the five keys as JSON, a
+    tab), then the id, the time, the epoch, a bit per value given and the four values
+    packed by struct, in base64 with the newline. Nothing is looked at and floats are
+    copied: half of _compact's instructions. What a kill inside the copy leaves (a line
+    cut short, or with a hole of zeros that a reader drops: a copy need not store in
+    order) and a short write run into the next line both change a length, of the head
+    (its CRC) or of the body (exactly 116 characters), so a reader sees it (_unpacked).
+    None when the epoch does not fit in 64 bits: _compact takes the event."""
     head = _heads.get(record[2])
     if head is None or head[0] is not record[1]:
         head = _head(record[1], record[2])
@@ -4286,22 +4288,28 @@ def _head(batch_id: str, job_id) -> tuple:
         _load_marshal()
     if len(_heads) >= _HEADS_MAX:
         _heads.clear()
-    head = (batch_id, b"^%s\t" % _dumps(["job_epoch", batch_id, job_id, _EPOCH_KEYS]).encode("ascii"))
+    text = _dumps(["job_epoch", batch_id, job_id, _EPOCH_KEYS]).encode("ascii")
+    head = (batch_id, b"^%08x%s\t" % (_crc32(text), text))
     _heads[job_id] = head
     return head
 
 
 def _unpacked(line: str) -> tuple:
     """The six fields of a packed line (``^``); raises when it is not one whole packed
-    line: a head of JSON with the five keys, then exactly 116 characters that
-    decode to 85 bytes (base64 decoding passes over characters that are not its own, so
-    the count is checked on both sides), and a mask of at most four bits."""
+    line: a head whose CRC-32 holds, JSON with the five keys, then exactly 116 characters
+    that decode to 85 bytes (base64 decoding passes over characters that are not its own,
+    so the count is checked on both sides), and a mask of at most four bits. The body
+    has no checksum: bytes changed in place, which neither a kill nor a short write does,
+    are not seen, as in a JSON line."""
     tab = line.index("\t")
     text = line[tab + 1:]
     if len(text) != _PACKED_CHARS:
         raise ValueError("not a whole packed line")
     raw = _marshal[3](text)  # not 85 bytes: _unpack_epoch raises struct.error
-    etype, batch_id, job_id, keys = _loads(line[1:tab])
+    head = line[9:tab].encode("ascii")
+    if _marshal[4](head) != int(line[1:9], 16):
+        raise ValueError("a damaged head")
+    etype, batch_id, job_id, keys = _loads(head)
     if keys != _EPOCH_KEYS:
         raise ValueError("not job.epoch's keys")
     event_id, ts, epoch, mask, *values = _unpack_epoch(raw)

@@ -608,10 +608,11 @@ def test_a_packed_line_is_replayed_as_the_very_event_its_compact_line_gives(valu
 
 
 def test_a_torn_or_run_together_packed_line_is_never_read():
-    """A packed line has no checksum: its length is fixed, on the line and in the bytes,
-    which is what tells a whole line from one cut by a kill inside the copy, or run into the next
-    line after a short write. Every such cut, every splice and a forged mask must fail to
-    read (the line goes to the dead-letter file), and never become another event."""
+    """A packed line's head has a CRC-32 and its body a fixed length, on the line and in
+    the bytes, which is what tells a whole line from one cut by a kill inside the copy, or
+    run into the next line after a short write. Every such cut, every splice and a forged
+    mask must fail to read (the line goes to the dead-letter file), and never become
+    another event."""
     packed, _ = _packed_line(PACKED_VALUES[0])
     other, _ = _packed_line(PACKED_VALUES[3])
     text, after = packed.decode("ascii")[:-1], other.decode("ascii")[:-1]
@@ -631,6 +632,17 @@ def test_a_torn_or_run_together_packed_line_is_never_read():
     ]
     for fake_line in fakes:
         assert argus._expand(fake_line, "{}") is None, fake_line
+    # A kill inside the copy can leave a hole of zeros, not only a cut end (a copy need not
+    # store in order), and a reader drops zeros: the head (here a long job id) must not
+    # become another valid head, nor the body another valid body.
+    packed, _ = _packed_line(PACKED_VALUES[0], job_id="job-" + "\u00e9x" * 40)
+    text = packed.decode("ascii")[:-1]
+    for start in range(1, len(text)):
+        for size in (1, 2, 7, 64, 200):
+            if start + size < len(text):
+                assert argus._expand(text[:start] + text[start + size:], "{}") is None, (start, size)
+    at = text.index("x", 20)  # a character of the job id, changed in place
+    assert argus._expand(text[:at] + "y" + text[at + 1:], "{}") is None
 
 
 def test_job_epoch_packs_only_the_values_it_can_copy_and_every_event_arrives_as_given(fake, spill_dir):
