@@ -523,6 +523,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_HELD: list = []
+
+
+def refused_url() -> str:
+    """The URL of a server that is down: its port stays bound, never listened on, for as long as
+    this test process lives, so every connection to it is refused. A port from ``free_port()``
+    is free again at once, and the next server any test starts (the demo's collector, say) may
+    take it; a "down" server that answers turns a spill test into a delivery test."""
+    if not _HELD:
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        _HELD.append(held)
+    return "http://127.0.0.1:%d" % _HELD[0].getsockname()[1]
+
+
 def run_script(code: str, env: dict, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports this checkout's argus.py."""
     full_env = dict(os.environ)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import ROOT, dead_letters, free_port, run_script, spilled_events
+from conftest import ROOT, dead_letters, free_port, refused_url, run_script, spilled_events
 
 ARGUS_PY = ROOT / "argus.py"
 COMMANDS = ("sync", "status", "emit", "batch-id", "serve", "stop", "demo")
@@ -89,7 +89,7 @@ def interrupt(proc: subprocess.Popen, timeout: float = 20) -> tuple:
 
 
 def dead_url() -> str:
-    return "http://127.0.0.1:%d" % free_port()
+    return refused_url()
 
 
 @pytest.fixture

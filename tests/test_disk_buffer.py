@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, free_port, line, on_disk, wait_until
+from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, line, on_disk, refused_url, wait_until
 
 QUIET_KW = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
 
@@ -162,7 +162,7 @@ with argus.Reporter(batch_id="window-1", **QUIET) as r:
 def test_unacknowledged_events_are_on_disk_within_the_window(server, fake, slowloris, spill_dir, tmp_path):
     """Issue 10: an unacknowledged event lived only in memory for 5.7 s against a refusing
     server, ~50 s against one that never answers, and indefinitely against a slowloris."""
-    url = {"refusing": "http://127.0.0.1:%d" % free_port(), "hanging": fake.url, "slowloris": slowloris.url}[server]
+    url = {"refusing": refused_url(), "hanging": fake.url, "slowloris": slowloris.url}[server]
     if server == "hanging":
         fake.script = ["hang"] * 1000  # reads each request, never answers
     child = Child(WINDOW, {"ARGUS_URL": url}, tmp_path)
@@ -209,7 +209,7 @@ def _kill_after(child: Child, tmp_path: Path, seconds: float) -> float:
 def test_sigkill_with_the_server_down_loses_only_the_last_moments(server, fake, spill_dir, tmp_path):
     """Issue 10: with the server down, SIGKILL lost 100% of the events (42,872 over 10
     kills). Only events younger than the window may be lost."""
-    url = "http://127.0.0.1:%d" % free_port() if server == "refusing" else fake.url
+    url = refused_url() if server == "refusing" else fake.url
     if server == "hanging":
         fake.script = ["hang"] * 1000
     child = Child(KILL_LOOP % "0.002", {"ARGUS_URL": url}, tmp_path)
@@ -232,7 +232,7 @@ def test_durable_mode_loses_nothing_whose_call_returned_under_sigkill(server, fa
     """Issue 10: SIGKILL lost 10-105 events per kill with the server healthy, and all of
     them with it down. ARGUS_DURABLE=1: every event reaches the kernel before job.epoch()
     returns."""
-    url = "http://127.0.0.1:%d" % free_port() if server == "refusing" else fake.url
+    url = refused_url() if server == "refusing" else fake.url
     fake.delay = 0.05  # a healthy server that takes 50 ms a request: events wait in the queue
     child = Child(KILL_LOOP % "0.0005", {"ARGUS_URL": url, "ARGUS_DURABLE": "1"}, tmp_path)
     try:
@@ -255,7 +255,7 @@ def test_a_durable_journal_left_by_sigkill_is_replayed_by_argus_sync_as_the_same
     """Durable mode journals a compact line per event (marshal, base64) on the caller's
     thread. After SIGKILL, `argus sync` turns each back into the event the worker would have
     sent, with the same event id: the server validates every one and stores each once."""
-    url = "http://127.0.0.1:%d" % free_port()  # down while the run lives
+    url = refused_url()  # down while the run lives
     child = Child(KILL_LOOP % "0.0005", {"ARGUS_URL": url, "ARGUS_DURABLE": "1"}, tmp_path)
     try:
         _kill_after(child, tmp_path, 1.0)

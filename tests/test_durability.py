@@ -37,7 +37,7 @@ from conftest import (
     ROOT,
     SERVER_TYPES,
     dead_letters,
-    free_port,
+    refused_url,
     run_script,
     epochs,
     spilled_events,
@@ -676,7 +676,7 @@ def test_the_exit_summary_counts_what_an_unclosed_sender_spilled(spill_dir):
         "for i in range(9):\n"
         "    rep.job_epoch('j', i)\n"
     )
-    proc, _ = run(code, {"ARGUS_URL": "http://127.0.0.1:%d" % free_port()})
+    proc, _ = run(code, {"ARGUS_URL": refused_url()})
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if SUMMARY in line]
     assert len(lines) == 1, proc.stderr
@@ -693,7 +693,7 @@ def test_the_exit_summary_counts_what_a_reporter_spilled(spill_dir):
         "        for i in range(10):\n"
         "            job.epoch(i)\n"
     )
-    proc, _ = run(code, {"ARGUS_URL": "http://127.0.0.1:%d" % free_port()})
+    proc, _ = run(code, {"ARGUS_URL": refused_url()})
     assert proc.returncode == 0, proc.stderr
     assert len(spilled_events(spill_dir)) == 14
     lines = [line for line in proc.stderr.splitlines() if SUMMARY in line]

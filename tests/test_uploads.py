@@ -15,7 +15,7 @@ import time
 import pytest
 
 import argus
-from conftest import free_port, serve_ingest, wait_until
+from conftest import refused_url, serve_ingest, wait_until
 
 
 def quiet_reporter(url, **kwargs):
@@ -360,7 +360,7 @@ def test_uploads_while_the_server_is_unreachable_are_recorded_for_sync(tmp_path,
     monkeypatch.setattr(argus, "RETRY_BASE_S", 0.001)  # reach "unreachable" without the real backoff
     caplog.set_level(logging.WARNING, logger="argus")
     plot = write(tmp_path / "p.png")
-    dead = "http://127.0.0.1:%d" % free_port()
+    dead = refused_url()
     start = time.monotonic()
     with quiet_reporter(dead) as r:
         with r.job("j") as job:
