@@ -7196,8 +7196,11 @@ class _Collector:
     def artifacts(self, batch_id: str) -> list:
         return self._rows("SELECT * FROM artifacts WHERE batch_id = ? ORDER BY id", batch_id)
 
-    def event_count(self) -> int:
-        return self.stats()["events"]
+    def event_count(self, batch_id: str | None = None) -> int:
+        """Events stored, all of them or one batch's."""
+        if batch_id is None:
+            return self.stats()["events"]
+        return self._rows("SELECT COUNT(*) AS n FROM events WHERE batch_id = ?", batch_id)[0]["n"]
 
     def stats(self) -> dict:
         tables = ("events", "batches", "jobs", "epochs", "logs", "resources", "artifacts")
@@ -8008,7 +8011,7 @@ def _run_demo(workdir: str) -> int:
             sender = r._sender
             print(
                 "\nevents delivered: %d (stored by the collector: %d); spilled: %d; stop honoured: %s"
-                % (sender.delivered if sender else 0, collector.event_count(),
+                % (sender.delivered if sender else 0, collector.event_count(r.batch_id),
                    sender.spill.spilled if sender else 0, "yes" if r.stopped else "no")
             )
     finally:

@@ -147,6 +147,16 @@ def test_batch_endpoint_answers_per_event(client, collector):
     assert collector.event_count() == 2
 
 
+def test_event_count_counts_one_batch_when_asked(client, collector):
+    """The demo reports what the collector stored for its own batch: a stray client that
+    happens on the demo's port (a test whose "down" server it took) must not change it."""
+    client.post("/api/events/batch", {"events": [make_event("batch_start", batch_id="mine"),
+                                                 make_event("job_start", batch_id="mine", job_id="j")]})
+    client.post("/api/events", make_event("batch_start", batch_id="stray"))
+    assert (collector.event_count(), collector.event_count("mine"), collector.event_count("stray")) == (3, 2, 1)
+    assert collector.event_count("nobody") == 0
+
+
 @pytest.mark.parametrize("count", [0, 501])
 def test_empty_or_oversized_batch_is_refused_whole(client, collector, count):
     events = [make_event("log_line", job_id="j", line="x") for _ in range(count)]
