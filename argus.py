@@ -2088,13 +2088,12 @@ class ExperimentReporter:
         if envelope is None:
             return None
         keys = tuple(first[4])
-        line = envelope[3].get(keys)
-        if line is None:
+        close = envelope[3].get(keys)
+        if close is None:
             form = envelope[2].get(keys)
             if form is None or len(keys) < 2:  # (itemgetter of one key gives no tuple)
                 return None
-            line = envelope[3][keys] = '{"event_id":"%%s%s%%s%s%s}' % (
-                envelope[0].replace("%", "%%"), envelope[1].replace("%", "%%"), form)
+            close = envelope[3][keys] = form + "}"
         if len(set(map(_RECORD_TYPE, records))) != 1 or len(set(map(_RECORD_BATCH, records))) != 1 \
                 or len(set(map(_RECORD_JOB, records))) != 1:
             return None
@@ -2115,10 +2114,12 @@ class ExperimentReporter:
             return None
         stamps = _stamps_of(records)
         ids = _new_ids(len(records))
-        try:
-            lines = list(map(line.__mod__, map(tuple.__add__, zip(ids, stamps), values)))
+        try:  # the data alone is formatted: the envelope's text is copied, never scanned for "%"
+            texts = list(map(close.__mod__, values))
         except ValueError:  # an int too long for str()
             return None
+        opening, after_id, after_stamp = _repeat('{"event_id":"'), _repeat(envelope[0]), _repeat(envelope[1])
+        lines = list(map("".join, zip(opening, ids, after_id, stamps, after_stamp, texts)))
         if max(map(len, lines)) > _MAX_EVENT_CHARS:  # the loop measures the data alone
             return None
         return list(zip(ids, lines))
@@ -5208,6 +5209,7 @@ _RECORD_TS = operator.itemgetter(3)
 _RECORD_DATA = operator.itemgetter(4)
 _NUMBER_TYPES = frozenset((int, float))
 _chain = itertools.chain.from_iterable
+_repeat = itertools.repeat
 _THOUSAND = (1000.0).__mul__
 
 
