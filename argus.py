@@ -2077,12 +2077,14 @@ class ExperimentReporter:
             append(self._encode(record))
         return pairs
 
-    def _encode_run(self, records: list):
+    def _encode_run(self, records: list, ids=None):
         """_encode_batch for records of one type, batch and job whose data are plain,
         finite numbers under one key set with a template: every step a pass in C over the
         whole run (the checks, the values, the timestamps, the ids, the lines), none a
-        Python loop per event. The values are written in the template's key order. None
-        when the run is not one of those (the caller then takes the loop)."""
+        Python loop per event. The values are written in the template's key order. ``ids``:
+        the events' ids when they were drawn already (durable mode: the ones in the
+        journal), else they are made here. None when the run is not one of those (the
+        caller then takes the loop)."""
         first = records[0]
         envelope = self._envelopes.get(first[:3])
         if envelope is None:
@@ -2113,7 +2115,8 @@ class ExperimentReporter:
         if total - total:
             return None
         stamps = _stamps_of(records)
-        ids = _new_ids(len(records))
+        if ids is None:
+            ids = _new_ids(len(records))
         try:  # the data alone is formatted: the envelope's text is copied, never scanned for "%"
             texts = list(map(close.__mod__, values))
         except ValueError:  # an int too long for str()
@@ -2557,14 +2560,22 @@ class _Worker:
                 _pop_front(queue, at + 1)
             else:
                 _pop_front(queue, len(items))
+            events = None
             if items and _as_queued(items):  # every one as the caller queued it: the common case
                 events = facade._encode_batch(items)
                 since, on_disk = items[0][3], False
+            elif len(items) >= _RUN_MIN and _as_journaled(items):  # durable mode's common case
+                events = facade._encode_run(items, list(map(_RECORD_ID, items)))
+            if events is None:
+                events, since, on_disk, control = self._take_each(items, control)
+            else:
                 if sum(map(len, map(_LINE, events))) >= MAX_BATCH_BYTES:
                     events = self._cut(events, items, control)
                     control = None
-            else:
-                events, since, on_disk, control = self._take_each(items, control)
+                if len(items[0]) == 8:  # what the journal holds of the events kept
+                    kept = items[: len(events)]
+                    on_disk = all(map(_RECORD_ON_DISK, kept))
+                    since = next((item[3] for item in kept if not item[7]), None)
             self._inflight_since = since if since is not None else _now() - JOURNAL_AFTER_S / 2
             self._inflight = events
             self._inflight_journaled = bool(events) and on_disk
@@ -3436,6 +3447,12 @@ def _pop_front(queue: deque, count: int) -> None:
 def _as_queued(items: list) -> bool:
     """Every item is a record as the caller queued it (six fields), none with a size."""
     return set(map(len, items)) == {6} and not any(map(_SIZE, items))
+
+
+def _as_journaled(items: list) -> bool:
+    """Every item is a durable record (eight fields: the record, its id and whether the
+    journal has it), none with a size."""
+    return set(map(len, items)) == {8} and not any(map(_SIZE, items))
 
 
 _MAX_DATA_FORMS = 32  # data templates kept per envelope (data under other keys: the encoder)
@@ -5207,6 +5224,8 @@ _RECORD_BATCH = operator.itemgetter(1)
 _RECORD_JOB = operator.itemgetter(2)
 _RECORD_TS = operator.itemgetter(3)
 _RECORD_DATA = operator.itemgetter(4)
+_RECORD_ID = operator.itemgetter(6)  # a durable record's event id, drawn by the caller
+_RECORD_ON_DISK = operator.itemgetter(7)  # ... and whether the journal has it
 _NUMBER_TYPES = frozenset((int, float))
 _chain = itertools.chain.from_iterable
 _repeat = itertools.repeat

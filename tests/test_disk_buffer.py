@@ -681,6 +681,36 @@ def test_job_epoch_packs_only_the_values_it_can_copy_and_every_event_arrives_as_
     assert fake.duplicates == 0 and not on_disk(spill_dir)
 
 
+def test_durable_events_are_sent_under_the_ids_their_journal_lines_carry(fake, spill_dir):
+    """The worker sends a durable run of epochs (hundreds a request) in one pass; each must
+    go under the id the caller wrote to the journal, or a replay after a kill stores it
+    twice. Read while the run is open: every journal line's id, and what each carries, is
+    what the server got."""
+    fake.delay = 0.05  # events queue meanwhile: requests of many, the run's path
+    with argus.Reporter(monitor_url=fake.url, batch_id="ids-1", durable=True, **QUIET_KW) as r:
+        with r.job("j") as job:
+            for i in range(600):
+                job.epoch(i, train_loss=0.5 + i / 1000.0, lr=1e-3)
+                if i % 100 == 99:
+                    time.sleep(0.02)
+            assert wait_until(lambda: len(fake.of_type("job_epoch")) == 600, 30)
+            journaled = {}
+            for raw in _spilled_lines(spill_dir):
+                text = raw.decode()[:-1]
+                event = json.loads(argus._expand(text, "{}") or text)
+                journaled[event["event_id"]] = event
+    sent = {e["event_id"]: e for e in fake.events.values()}
+    epochs_sent = {k: v for k, v in sent.items() if v["event_type"] == "job_epoch"}
+    line("durable ids, journal against wire", emitted=600, delivered=len(epochs_sent),
+         journaled=len(journaled), ids_differ=len(set(epochs_sent) - set(journaled)))
+    assert max(n for _, _, n in fake.requests) >= 100  # runs went out, not one event at a time
+    assert set(epochs_sent) <= set(journaled)  # each under its journal line's id
+    for event_id, event in epochs_sent.items():
+        assert journaled[event_id]["data"] == event["data"]
+        assert journaled[event_id]["timestamp"] == event["timestamp"]
+    assert fake.duplicates == 0
+
+
 @pytest.mark.parametrize("mode", ["live", "offline"])
 def test_a_durable_close_with_no_time_left_keeps_the_journal(fake, spill_dir, monkeypatch, mode):
     """drain_timeout 0 is valid: the journaled events that were not sent stay on disk. The

@@ -40,6 +40,7 @@ from conftest import (
     refused_url,
     run_script,
     epochs,
+    line,
     spilled_events,
     validate_event,
     wait_until,
@@ -914,6 +915,38 @@ def test_only_rank_0_reports_unless_told_otherwise(fake, spill_dir, env, reporte
     assert figures == {"emitted": emitted, "delivered": emitted, "dead": 0, "lost": 0}
     if not reported:
         assert fake.requests == [] and not os.path.exists(spill_dir)  # silent: no network, no disk
+
+
+def test_a_durable_run_the_journal_refused_is_not_taken_for_journaled(fake, spill_dir, monkeypatch):
+    """A run of 40 epochs of one key set, all taken in one request (the worker encodes such
+    a run in one pass), with a cap that leaves the journal no room: none of them is on
+    disk. When the request fails they are kept (in memory) and sent once the server
+    answers; taken for journaled, they were dropped, as if a replay of the journal would
+    send them."""
+    monkeypatch.setenv("ARGUS_SPILL_MAX_MB", repr(100 / 1048576.0))
+    facade = argus.ExperimentReporter(fake.url, "cap", batch_id="cap-2", durable=True)
+    facade.job_epoch("j", 0, train_loss=0.5)  # its request makes the job's encoding ready
+    assert wait_until(lambda: len(fake.events) == 1, 10)
+    monkeypatch.setattr(argus, "RETRY_BASE_S", 0.01)
+    fake.script = [503] * argus.RETRY_ATTEMPTS  # the run's request fails every try
+    with facade.worker._lock:  # the worker takes none of them before the last is queued
+        for i in range(1, 41):
+            facade.job_epoch("j", i, train_loss=0.5 + i)
+        journaled = len([ln for ln in _journal_lines(spill_dir) if ln])
+    assert wait_until(lambda: len(epochs(fake.events, "j")) == 41, 30), fake.requests
+    facade.close(5)
+    arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
+    sizes = [n for _, _, n in fake.requests]
+    line("durable run the journal refused", emitted=41, journaled=journaled, delivered=len(arrived),
+         requests=sizes)
+    assert journaled == 0 and sizes[: 1 + argus.RETRY_ATTEMPTS] == [1] + [-503] * argus.RETRY_ATTEMPTS, (
+        journaled, sizes)  # none of the run on disk, and its request failed
+    assert arrived == list(range(41)), (arrived, fake.requests)
+
+
+def _journal_lines(directory) -> list:
+    return [ln for path in sorted(directory.glob("spill-*.jsonl*"))
+            for ln in path.read_bytes().replace(b"\0", b"").split(b"\n")[1:]]
 
 
 def test_durable_events_after_one_the_full_journal_refused_wait_behind_it(fake, spill_dir, monkeypatch):
