@@ -6,6 +6,7 @@ in-process through ``argus.main`` to keep the suite fast.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -400,15 +401,18 @@ def test_an_interrupted_sync_keeps_its_pending_uploads(fake, spill_dir, tmp_path
     assert [a["filename"] for a in fake.artifacts] == ["curve.png"]
 
 
-def test_sync_shows_progress_on_a_terminal(fake, spill_dir, monkeypatch, capsys):
+def test_sync_shows_progress_on_a_terminal(fake, spill_dir, capsys):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     spill(600)
     terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    assert argus.main(["sync", "--url", fake.url]) == 0
+    # Swapped back inside the test, while capsys's stream is still open: a monkeypatch
+    # would restore that stream after capsys closed it, and with -s every later test
+    # would find sys.stderr closed.
+    with contextlib.redirect_stderr(terminal):
+        assert argus.main(["sync", "--url", fake.url]) == 0
     progress = terminal.getvalue()
     assert progress.startswith("\rargus sync: 500 sent (") and "\rargus sync: 600 sent (" in progress
     assert progress.endswith("\n")
