@@ -2090,12 +2090,9 @@ class ExperimentReporter:
         if envelope is None:
             return None
         keys = tuple(first[4])
-        close = envelope[3].get(keys)
-        if close is None:
-            form = envelope[2].get(keys)
-            if form is None or len(keys) < 2:  # (itemgetter of one key gives no tuple)
-                return None
-            close = envelope[3][keys] = form + "}"
+        form = envelope[2].get(keys)
+        if form is None or len(keys) < 2:  # (itemgetter of one key gives no tuple)
+            return None
         if len(set(map(_RECORD_TYPE, records))) != 1 or len(set(map(_RECORD_BATCH, records))) != 1 \
                 or len(set(map(_RECORD_JOB, records))) != 1:
             return None
@@ -2118,7 +2115,7 @@ class ExperimentReporter:
         if ids is None:
             ids = _new_ids(len(records))
         try:  # the data alone is formatted: the envelope's text is copied, never scanned for "%"
-            texts = list(map(close.__mod__, values))
+            texts = list(map((form + "}").__mod__, values))  # the data, and the event's "}"
         except ValueError:  # an int too long for str()
             return None
         opening, after_id, after_stamp = _repeat('{"event_id":"'), _repeat(envelope[0]), _repeat(envelope[1])
@@ -2135,7 +2132,7 @@ class ExperimentReporter:
         if len(self._envelopes) > 4096:
             self._envelopes.clear()
         head, tail = _envelope_parts(etype, batch_id, job_id, source)
-        envelope = self._envelopes[(etype, batch_id, job_id)] = (head, tail, {}, {})
+        envelope = self._envelopes[(etype, batch_id, job_id)] = (head, tail, {})
         return envelope
 
     def _after_fork(self) -> None:
@@ -2564,7 +2561,7 @@ class _Worker:
             if items and _as_queued(items):  # every one as the caller queued it: the common case
                 events = facade._encode_batch(items)
                 since, on_disk = items[0][3], False
-            elif len(items) >= _RUN_MIN and _as_journaled(items):  # durable mode's common case
+            elif len(items) >= _RUN_MIN and _as_queued(items, 8):  # durable mode's common case
                 events = facade._encode_run(items, list(map(_RECORD_ID, items)))
             if events is None:
                 events, since, on_disk, control = self._take_each(items, control)
@@ -3444,15 +3441,10 @@ def _pop_front(queue: deque, count: int) -> None:
     deque(itertools.starmap(queue.popleft, itertools.repeat((), count)), maxlen=0)
 
 
-def _as_queued(items: list) -> bool:
-    """Every item is a record as the caller queued it (six fields), none with a size."""
-    return set(map(len, items)) == {6} and not any(map(_SIZE, items))
-
-
-def _as_journaled(items: list) -> bool:
-    """Every item is a durable record (eight fields: the record, its id and whether the
-    journal has it), none with a size."""
-    return set(map(len, items)) == {8} and not any(map(_SIZE, items))
+def _as_queued(items: list, fields: int = 6) -> bool:
+    """Every item is a record as the caller queued it, none with a size: six fields, or
+    eight for durable mode's (the record, its id and whether the journal has it)."""
+    return set(map(len, items)) == {fields} and not any(map(_SIZE, items))
 
 
 _MAX_DATA_FORMS = 32  # data templates kept per envelope (data under other keys: the encoder)

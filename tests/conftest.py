@@ -100,6 +100,15 @@ def spilled_events(directory) -> list:
     return events
 
 
+def spilled_lines(directory) -> list:
+    """Every line of every spill file in ``directory``, headers left out, as written."""
+    found = []
+    for path in sorted(Path(directory).glob("spill-*.jsonl*")):
+        raw = path.read_bytes().replace(b"\0", b"")
+        found += [ln + b"\n" for ln in raw.split(b"\n")[1:] if ln]
+    return found
+
+
 def event_lines(text: str) -> list:
     """The event lines of a spill file's text: without the destination header, and with
     durable mode's compact lines (``~`` + base64 of a marshal, ``^`` + base64 of a struct) turned back into the JSON

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import argus
-from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, line, on_disk, refused_url, wait_until
+from conftest import GATE_PRELUDE, ROOT, epochs, everywhere, line, on_disk, refused_url, spilled_lines, wait_until
 
 QUIET_KW = dict(heartbeat=False, stop_polling=False, resource_snapshot=False)
 
@@ -323,15 +323,6 @@ def test_a_damaged_compact_line_goes_to_the_dead_letter_file_and_never_reaches_m
     assert "argus: could not read 2 event(s) (malformed" in said and "server rejected" not in said, said
 
 
-def _spilled_lines(directory: Path) -> list:
-    """Every line of every spill file in ``directory``, headers left out, as written."""
-    found = []
-    for path in sorted(directory.glob("spill-*.jsonl*")):
-        raw = path.read_bytes().replace(b"\0", b"")
-        found += [ln + b"\n" for ln in raw.split(b"\n")[1:] if ln]
-    return found
-
-
 @pytest.mark.parametrize("handler", ["journals", "journals and closes", "discards"])
 @pytest.mark.parametrize("grows", [False, True], ids=["in the map", "growing the map"])
 def test_a_handler_running_between_any_two_bytecodes_of_a_journal_call_loses_nothing(handler, grows, tmp_path, monkeypatch):
@@ -398,7 +389,7 @@ def test_a_handler_running_between_any_two_bytecodes_of_a_journal_call_loses_not
         at["position"] += 1
     position = at["position"]
     store.close()
-    lines = _spilled_lines(tmp_path)
+    lines = spilled_lines(tmp_path)
     line("journal() interrupted at each bytecode", handler=handler, grows=grows, positions=position,
          lines=len(written), files=len(list(tmp_path.glob("spill-*"))), mapped=mapped)
     assert position > 8
@@ -529,7 +520,7 @@ def test_a_refused_allocation_or_map_leaves_no_zeros_before_the_lines(tmp_path, 
         files = list(directory.glob("spill-*.jsonl.part"))
         assert len(files) == 1 and b"\0" not in files[0].read_bytes(), fault
         store.close()
-        assert _spilled_lines(directory) == lines
+        assert spilled_lines(directory) == lines
     monkeypatch.setattr(mmap, "mmap", real_mmap)
 
 
@@ -551,7 +542,7 @@ def test_durable_journals_sharing_a_directory_with_a_small_cap_count_what_they_h
             lines[k].append(ln)
     for store in stores:
         store.close()
-    assert sorted(_spilled_lines(tmp_path)) == sorted(lines[0] + lines[1] + lines[2])
+    assert sorted(spilled_lines(tmp_path)) == sorted(lines[0] + lines[1] + lines[2])
 
 
 def test_marshal_reads_only_compact_lines_whose_checksum_holds(monkeypatch):
@@ -662,7 +653,7 @@ def test_job_epoch_packs_only_the_values_it_can_copy_and_every_event_arrives_as_
         with r.job("j") as job:
             for args, kwargs, _ in calls:
                 job.epoch(*args, **kwargs)
-            written = [ln.decode() for ln in _spilled_lines(spill_dir)]
+            written = [ln.decode() for ln in spilled_lines(spill_dir)]
     kinds = [ln[0] for ln in written if json.loads(argus._expand(ln[:-1], "{}") or ln)["event_type"] == "job_epoch"]
     assert kinds == [c[2] for c in calls], written
     recovery(fake)
@@ -695,7 +686,7 @@ def test_durable_events_are_sent_under_the_ids_their_journal_lines_carry(fake, s
                     time.sleep(0.02)
             assert wait_until(lambda: len(fake.of_type("job_epoch")) == 600, 30)
             journaled = {}
-            for raw in _spilled_lines(spill_dir):
+            for raw in spilled_lines(spill_dir):
                 text = raw.decode()[:-1]
                 event = json.loads(argus._expand(text, "{}") or text)
                 journaled[event["event_id"]] = event

@@ -42,6 +42,7 @@ from conftest import (
     epochs,
     line,
     spilled_events,
+    spilled_lines,
     validate_event,
     wait_until,
 )
@@ -932,7 +933,7 @@ def test_a_durable_run_the_journal_refused_is_not_taken_for_journaled(fake, spil
     with facade.worker._lock:  # the worker takes none of them before the last is queued
         for i in range(1, 41):
             facade.job_epoch("j", i, train_loss=0.5 + i)
-        journaled = len([ln for ln in _journal_lines(spill_dir) if ln])
+        journaled = len(spilled_lines(spill_dir))
     assert wait_until(lambda: len(epochs(fake.events, "j")) == 41, 30), fake.requests
     facade.close(5)
     arrived = [e["data"]["epoch"] for e in fake.events.values() if e["event_type"] == "job_epoch"]
@@ -942,11 +943,6 @@ def test_a_durable_run_the_journal_refused_is_not_taken_for_journaled(fake, spil
     assert journaled == 0 and sizes[: 1 + argus.RETRY_ATTEMPTS] == [1] + [-503] * argus.RETRY_ATTEMPTS, (
         journaled, sizes)  # none of the run on disk, and its request failed
     assert arrived == list(range(41)), (arrived, fake.requests)
-
-
-def _journal_lines(directory) -> list:
-    return [ln for path in sorted(directory.glob("spill-*.jsonl*"))
-            for ln in path.read_bytes().replace(b"\0", b"").split(b"\n")[1:]]
 
 
 def test_durable_events_after_one_the_full_journal_refused_wait_behind_it(fake, spill_dir, monkeypatch):
