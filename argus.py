@@ -3363,7 +3363,7 @@ class _Replayer:
 
     def _replay_step(self) -> None:
         """Re-send one chunk of an older spill file for this server (another run's backlog)."""
-        outcome = self._replay_once(match=self._for_us)
+        outcome = self._replay_once(match=self._for_us, others_only=True)
         if outcome == "empty":
             self._replay_due = None
         elif outcome == "unsent" and self.sender._up():  # answered, but some need another try later
@@ -3378,7 +3378,8 @@ class _Replayer:
         """
         claim = self._claim
         if claim is None:
-            self.facade.spill.rotate()
+            if not claim_args.get("others_only"):  # this run's open file joins the backlog
+                self.facade.spill.rotate()
             claim = self._claim = self.facade.spill.claim_next(**claim_args)
             if claim is None:
                 return "empty"
@@ -4063,19 +4064,23 @@ class SpillStore:
         found.sort()
         return found
 
-    def claim_next(self, skip=(), match=None, own_only: bool = False) -> _Claim | None:
+    def claim_next(self, skip=(), match=None, own_only: bool = False, others_only: bool = False) -> _Claim | None:
         """Claim the oldest unclaimed spill file, or return None when there is none.
 
         ``match(claim)`` decides whether a file is for us (a file without a header,
         written by an older version, has the destination None); ``own_only`` takes only
-        files this store wrote, oldest first: the backlog of this run. One writer's files
-        are taken in order: while one of them cannot be claimed (its open file, or one
-        that another process replays), its later ones are left alone.
+        files this store wrote, oldest first: the backlog of this run; ``others_only``
+        none of them (a durable journal holds events still queued or in flight). One
+        writer's files are taken in order: while one of them cannot be claimed (its open
+        file, or one that another process replays), its later ones are left alone.
         """
         candidates = self._candidates()
         if own_only:
             own = set(self.own)
             candidates = sorted((c for c in candidates if _base_name(c[1]) in own), key=lambda c: c[1])
+        elif others_only:
+            own = set(self.own)
+            candidates = [c for c in candidates if _base_name(c[1]) not in own]
         held = set()  # writers with a file that cannot be claimed now: their later files wait
         for mtime, name, path, size in candidates:
             if path in skip:

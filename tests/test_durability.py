@@ -945,6 +945,30 @@ def test_a_durable_run_the_journal_refused_is_not_taken_for_journaled(fake, spil
     assert arrived == list(range(41)), (arrived, fake.requests)
 
 
+@pytest.mark.parametrize("journal", ["open", "rotated"])
+def test_the_replay_of_older_backlogs_leaves_this_runs_journal_alone(fake, spill_dir, journal):
+    """An idle worker re-sends other runs' spill files. It closed and claimed this run's
+    durable journal too, and sent what the journal held that was queued but not yet
+    acknowledged, so that event reached the server twice (a job_done, in 1 run of 40).
+    A journal that rotated (every rotate_s) is this run's as much as the open one."""
+    facade = argus.ExperimentReporter(fake.url, "p", batch_id="own-1", durable=True)
+    facade.job_epoch("j", 0, train_loss=0.5)
+    assert wait_until(lambda: len(fake.events) == 1 and not facade.worker._inflight, 10)
+    with facade.worker._lock:  # the worker takes epoch 1 only after the replay below
+        facade.job_epoch("j", 1, train_loss=0.5)  # journaled and queued, not yet sent
+        if journal == "rotated":
+            facade.spill.rotate()
+        facade.replayer._replay_due = 0.0
+        facade.replayer._replay_step()  # what the idle worker does, at that moment
+        sent_by_replay = len(fake.events) - 1
+    assert wait_until(lambda: len(fake.events) == 2, 10), fake.requests
+    facade.close(5)
+    line("replay of older backlogs, this run's %s journal" % journal, emitted=2, sent_by_replay=sent_by_replay,
+         delivered=len(fake.events), duplicates=fake.duplicates)
+    assert epochs(fake.events, "j") == [0, 1]
+    assert sent_by_replay == 0 and fake.duplicates == 0
+
+
 def test_durable_events_after_one_the_full_journal_refused_wait_behind_it(fake, spill_dir, monkeypatch):
     """Near the spill cap, a big durable event does not fit in the journal and stays in
     memory; a later small one fit. After a failed send (disk mode), the journal's replay
